@@ -1,0 +1,32 @@
+# Two commands for users: `make run` and `make test`. Both create .venv from the pinned
+# lock file first; that step is skipped when the lock file and pyproject.toml are unchanged.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DATA   ?= data/synthetic
+SEED   ?= 0
+
+.PHONY: setup run test lock clean
+
+$(STAMP): requirements/lock.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv==0.13.9
+	$(BIN)/uv pip sync -q -p $(BIN)/python requirements/lock.txt
+	$(BIN)/uv pip install -q -p $(BIN)/python --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/python -m pipeline etl --dataset synthetic --out $(DATA)/etl --seed $(SEED)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Regenerate requirements/lock.txt from requirements/requirements.in + overrides.txt.
+lock: setup
+	$(BIN)/uv pip compile -q requirements/requirements.in --override requirements/overrides.txt -p 3.11 -o requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache
