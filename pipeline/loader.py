@@ -1,0 +1,215 @@
+"""Keras 3 adapter over merlin's TensorFlow dataloader.
+
+``merlin.dataloader.tensorflow.Loader`` streams parquet partitions through a background thread
+(cudf + cupy on a GPU, pandas + numpy on CPU) and hands out dicts of TF tensors, but it subclasses
+the old ``keras.utils.Sequence`` and skips ``PyDataset.__init__``, so Keras 3's ``fit`` rejects it.
+``Loader`` wraps it (composition, so the GPU path stays merlin's own code) as a
+``keras.utils.PyDataset`` and finishes each batch with TF ops that run on either device:
+
+- scalar features become ``(batch, 1)`` tensors (the layout of Merlin Models' ``sample_batch``);
+- list columns, which merlin emits as ``<name>__values`` / ``<name>__offsets``, become a
+  fixed-width ``(batch, max_len)`` int tensor padded with 0, Categorify's padding id;
+- targets (tag TARGET, or the names given) are split off: one target -> a ``(batch, 1)`` tensor,
+  several -> a dict keyed by name.
+
+Shuffling reshuffles partitions and rows every epoch from ``seed + epoch``, so two runs with the
+same seed see the same batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Iterable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from merlin.io import Dataset
+from merlin.schema import Schema, Tags
+from merlin.schema.tags import TagSet
+
+from pipeline.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# Categorify maps padding to 0, so 0 is the natural fill value for padded list columns.
+PAD_ID = 0
+
+
+def list_max_lengths(dataset: Dataset, names: Iterable[str]) -> dict[str, int]:
+    """Fixed width of each list column: the schema's ``value_count.max``, else the data's longest list."""
+    widths = {}
+    for name in names:
+        col = dataset.schema[name]
+        max_count = (col.properties.get("value_count") or {}).get("max")
+        if not max_count and col.shape.dims is not None and len(col.shape.dims) > 1:
+            max_count = col.shape.dims[1].max
+        if not max_count:
+            # The ETL normally records it; otherwise scan the column once (lazy, per partition).
+            ddf = dataset.to_ddf(columns=[name])
+            lengths = ddf[name].map_partitions(_list_lengths, meta=(name, "i8"))
+            max_count = int(lengths.max().compute())
+        widths[name] = max(int(max_count), 1)
+    return widths
+
+
+def _list_lengths(series):
+    # cudf list columns have a .list accessor; pandas holds python lists / arrays.
+    return series.list.len() if hasattr(series, "list") else series.map(len)
+
+
+class Loader(keras.utils.PyDataset):
+    """Batches of a ``merlin.io.Dataset`` as ``(features, targets)`` for Keras 3.
+
+    Args:
+        dataset: the parquet dataset (its schema.pbtxt gives tags, dtypes and list widths).
+        batch_size: rows per batch (the last batch may be smaller unless ``drop_last``).
+        shuffle: reshuffle partitions and rows every epoch.
+        seed: base seed of the per-epoch shuffle.
+        features: feature columns to load (default: every non-target column of the schema).
+        targets: target columns (default: the columns tagged TARGET); ``[]`` for none.
+        include_targets: ``False`` yields features only (for ``predict``).
+        drop_last: drop the final partial batch.
+        parts_per_chunk: partitions concatenated (and shuffled together) per chunk.
+
+    Each item is ``(features, targets)`` (or ``features``): features maps a column name to a
+    ``(batch, 1)`` tensor, or ``(batch, max_len)`` for list columns.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        features: Sequence[str] | None = None,
+        targets: Sequence[str] | None = None,
+        include_targets: bool = True,
+        drop_last: bool = False,
+        parts_per_chunk: int = 1,
+    ):
+        super().__init__(workers=1, use_multiprocessing=False)
+        from merlin.dataloader.tensorflow import Loader as MerlinLoader
+
+        if batch_size < 1:
+            raise DataError(f"batch size must be positive, got {batch_size}")
+        schema = dataset.schema
+        if schema is None or not len(schema):
+            raise DataError("the dataset has no schema (schema.pbtxt next to the parquet files)")
+        if targets is None:
+            targets = schema.select_by_tag(Tags.TARGET).column_names
+        targets = list(targets) if include_targets else []
+        if features is None:
+            features = schema.excluding_by_tag(Tags.TARGET).column_names
+        features = [f for f in features if f not in targets]
+        missing = [n for n in [*features, *targets] if n not in schema.column_names]
+        if missing:
+            raise DataError(
+                f"column(s) {missing} missing from the dataset (it has {schema.column_names})"
+            )
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.feature_names = list(features)
+        self.target_names = list(targets)
+        self.schema: Schema = schema.select_by_name([*self.feature_names, *self.target_names])
+        self.list_widths = list_max_lengths(
+            dataset, [n for n in self.feature_names if self.schema[n].is_list]
+        )
+        self._epoch = 0
+
+        # The merlin loader reads only schema columns and treats TARGET-tagged ones as labels:
+        # give it a copy of the dataset whose schema is exactly what we load, tagged accordingly.
+        loader_schema = Schema(
+            [
+                col._replace(tags=TagSet([t for t in col.tags if t != Tags.TARGET] + ([Tags.TARGET] if col.name in self.target_names else [])))
+                for col in self.schema
+            ]
+        )
+        dataset = copy.copy(dataset)
+        dataset.schema = loader_schema
+        self.num_rows = int(dataset.num_rows)  # from parquet footers: no data read
+        if self.num_rows == 0:
+            raise DataError(f"the dataset is empty (0 rows in {_paths(dataset)})")
+        self._merlin = MerlinLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            seed_fn=self._epoch_seed,
+            parts_per_chunk=parts_per_chunk,
+            drop_last=drop_last,
+        )
+        self._num_batches = len(self._merlin)
+        self._next_index = 0
+
+    def _epoch_seed(self) -> int:
+        # merlin seeds numpy's global generator with this before shuffling partitions; the
+        # per-chunk row shuffle (DataFrame.sample) then draws from the same seeded stream.
+        return (self.seed * 1_000_003 + self._epoch) % (2**32)
+
+    @property
+    def num_batches(self) -> int:
+        return self._num_batches
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def __getitem__(self, index: int):
+        # merlin's loader is an iterator: index 0 (re)starts an epoch, other indices must come in order.
+        if index == 0:
+            self._restart()
+        elif index != self._next_index:
+            raise IndexError(f"Loader is sequential: asked for batch {index}, next is {self._next_index}")
+        self._next_index = index + 1
+        return self._format(self._merlin.__next__())
+
+    def __iter__(self):
+        for index in range(self._num_batches):
+            yield self[index]
+
+    def _restart(self) -> None:
+        self._merlin.stop()
+        np.random.seed(self._epoch_seed())
+        self._merlin.__iter__()
+        self._next_index = 0
+
+    def on_epoch_end(self) -> None:
+        self._epoch += 1
+
+    def _format(self, batch):
+        raw, labels = batch
+        features = {}
+        for name in self.feature_names:
+            if name in self.list_widths:
+                values, offsets = raw[f"{name}__values"], raw[f"{name}__offsets"]
+                ragged = tf.RaggedTensor.from_row_splits(
+                    tf.reshape(values, [-1]), tf.cast(tf.reshape(offsets, [-1]), tf.int64), validate=False
+                )
+                features[name] = ragged.to_tensor(default_value=PAD_ID, shape=[None, self.list_widths[name]])
+            else:
+                features[name] = tf.reshape(raw[name], [-1, 1])
+            if features[name].dtype == tf.float64:
+                # Keras computes in float32; TE / Normalize outputs may be stored as float64.
+                features[name] = tf.cast(features[name], tf.float32)
+        if not self.target_names:
+            return features
+        if len(self.target_names) == 1:
+            return features, tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
+        return features, {k: tf.reshape(tf.cast(labels[k], tf.float32), [-1, 1]) for k in self.target_names}
+
+    def peek(self):
+        """The first batch of an epoch, without disturbing iteration order afterwards."""
+        batch = self[0]
+        self._restart()
+        return batch
+
+    def stop(self) -> None:
+        """Stop the background reader thread."""
+        self._merlin.stop()
+
+
+def _paths(dataset: Dataset) -> str:
+    paths = getattr(dataset.engine, "paths", None) or []
+    return ", ".join(map(str, paths[:3])) or "the dataset"
