@@ -1,0 +1,18 @@
+"""Raw MovieLens data: readers for ml-100k / ml-1m / ml-25m, the synthetic generator, the download helper.
+
+- :func:`read_movielens` (variant, folder or zip) -> :class:`RawMovieLens` (pandas frames).
+- :func:`generate_synthetic` writes ml-1m- or ml-100k-format files with a planted signal and an oracle
+  (:func:`read_oracle`), so tests and the default run need no MovieLens download.
+"""
+
+from pipeline.datasets.raw import RawMovieLens
+from pipeline.datasets.readers import read_movielens
+from pipeline.datasets.synthetic import generate_synthetic, read_oracle, read_synthetic_params
+
+__all__ = [
+    "RawMovieLens",
+    "generate_synthetic",
+    "read_movielens",
+    "read_oracle",
+    "read_synthetic_params",
+]

@@ -1,0 +1,439 @@
+"""Synthetic MovieLens: the raw files of ml-1m or ml-100k, byte-for-byte in their format, with a planted signal.
+
+Ratings follow an ordered-probit model. For user u and movie i the latent score is
+
+    s_ui = b_u + b_i + <p_u, q_i> + d_ui,    y_ui = s_ui + e_ui,   e_ui ~ N(0, 1)
+
+with user and movie biases b (movie bias correlated with popularity), low-rank affinity p_u . q_i (movie
+factors partly driven by genres) and a demographic x genre effect d_ui (gender, age group and occupation
+each shift the user's taste for every genre). The star rating is y cut at thresholds chosen so the histogram
+matches ML-1M's. Which movies a user rates is independent of the rating: Zipf-like (log-normal) movie
+popularity, heavy-tailed user activity with at least 20 ratings per user, each (user, movie) pair once.
+
+Beside the raw files the generator writes ``oracle.parquet`` (userId, movieId, p_positive = the true
+P(rating > 3) = Phi(s_ui - t_3)) and ``synthetic.json`` (generator version, format, sizes, seed, oracle AUC).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.special import ndtr
+
+from pipeline.datasets.atomic import atomic_dir
+from pipeline.datasets.constants import (
+    AGE_RANGES,
+    GENRES,
+    ML1M_AGE_CODES,
+    ML1M_RATING_SHARES,
+    ML100K_GENRES,
+    ML100K_OCCUPATIONS,
+    SIZES,
+)
+from pipeline.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+ORACLE_FILE = "oracle.parquet"
+PARAMS_FILE = "synthetic.json"
+FORMATS = ("ml-1m", "ml-100k")
+
+# Shares of ml-1m's age codes 1, 18, 25, 35, 45, 50, 56 and occupation codes 0-20 among its users.
+_AGE_SHARES = np.array([222, 1103, 2096, 1193, 550, 496, 380], dtype=float)
+_OCCUPATION_SHARES = np.array(
+    [711, 528, 267, 173, 759, 112, 236, 679, 17, 92, 195, 129, 388, 142, 302, 144, 241, 502, 70, 72, 281], dtype=float
+)
+# How often each of the 18 genres is attached to a movie in ml-1m (GENRES order).
+_GENRE_SHARES = np.array(
+    [503, 283, 105, 251, 1200, 211, 127, 1603, 68, 44, 343, 114, 106, 471, 276, 492, 143, 68], dtype=float
+)
+_TIME_RANGE = {"ml-1m": (956_703_932, 1_046_454_590), "ml-100k": (874_724_710, 893_286_638)}
+_MAX_YEAR = {"ml-1m": 2000, "ml-100k": 1998}
+_MIN_RATINGS_PER_USER = 20
+
+# Standard deviations of the score components (noise sd is 1); tuned so that the oracle AUC of
+# rating > 3 is ~0.83 on default-size data while a user + movie bias model reaches clearly less.
+_SD_USER_BIAS = 0.6
+_SD_MOVIE_BIAS = 0.55
+_SD_AFFINITY = 0.7
+_SD_DEMOGRAPHIC = 0.3
+_SD_POPULARITY = 1.1
+_RANK = 8
+
+
+def synthetic_params(
+    fmt: str = "ml-1m",
+    *,
+    n_users: int | None = None,
+    n_movies: int | None = None,
+    n_ratings: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """The parameters recorded in ``synthetic.json`` for a request (``None`` sizes take fmt's real size)."""
+    if fmt not in FORMATS:
+        raise DataError(f"synthetic format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    real_users, real_movies, real_ratings = SIZES[fmt]
+    return {
+        "generator": "pipeline.datasets.synthetic",
+        "version": GENERATOR_VERSION,
+        "fmt": fmt,
+        "n_users": int(real_users if n_users is None else n_users),
+        "n_movies": int(real_movies if n_movies is None else n_movies),
+        "n_ratings": int(real_ratings if n_ratings is None else n_ratings),
+        "seed": int(seed),
+    }
+
+
+def read_synthetic_params(raw_dir: str | Path) -> dict | None:
+    """The generator parameters of a synthetic raw dir (without derived figures), or None if it is not one."""
+    path = Path(raw_dir) / PARAMS_FILE
+    if not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    keys = synthetic_params().keys()
+    return {key: recorded.get(key) for key in keys}
+
+
+def read_oracle(raw_dir: str | Path) -> pd.DataFrame:
+    """The true P(rating > 3) of every synthetic rating: DataFrame(userId int64, movieId int64, p_positive float64)."""
+    path = Path(raw_dir) / ORACLE_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: no oracle here; only synthetic raw dirs (pipeline.datasets.generate_synthetic) have one")
+    return pd.read_parquet(path)
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` (n,) for binary ``labels`` (n,); ties count one half."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs both positive and negative labels")
+    ranks = pd.Series(np.asarray(scores)).rank(method="average").to_numpy()
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def generate_synthetic(
+    out_dir: str | Path,
+    *,
+    fmt: str = "ml-1m",
+    n_users: int | None = None,
+    n_movies: int | None = None,
+    n_ratings: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a synthetic raw MovieLens dir in ``fmt`` ("ml-1m" or "ml-100k") and return ``out_dir``.
+
+    Sizes default to the real ones of ``fmt`` (ml-1m: 6,040 users, 3,706 movies, 1,000,209 ratings).
+    The same arguments give identical bytes. If ``out_dir`` already holds exactly this request it is
+    reused; another synthetic dir there is replaced; a non-synthetic, non-empty dir is never overwritten.
+    The dir is built in a temporary sibling and renamed into place when complete.
+    """
+    params = synthetic_params(fmt, n_users=n_users, n_movies=n_movies, n_ratings=n_ratings, seed=seed)
+    out_dir = Path(out_dir)
+    existing = read_synthetic_params(out_dir)
+    if existing == params:
+        logger.info("reusing synthetic %s data in %s", fmt, out_dir)
+        return out_dir
+    if existing is None and out_dir.exists() and any(out_dir.iterdir()):
+        raise DataError(f"{out_dir}: exists and is not a synthetic raw dir ({PARAMS_FILE} missing); refusing to overwrite")
+
+    logger.info(
+        "generating synthetic %s: %d users, %d movies, %d ratings (seed %d)",
+        fmt, params["n_users"], params["n_movies"], params["n_ratings"], seed,
+    )
+    sample = sample_movielens(params)
+    oracle_auc = roc_auc(sample.ratings["rating"].to_numpy() > 3, sample.ratings["p_positive"].to_numpy())
+    with atomic_dir(out_dir) as tmp:
+        if fmt == "ml-1m":
+            _write_ml1m(sample, tmp)
+        else:
+            _write_ml100k(sample, tmp, np.random.default_rng(np.random.SeedSequence([seed, 100])))
+        sample.ratings[["userId", "movieId", "p_positive"]].to_parquet(tmp / ORACLE_FILE, index=False)
+        recorded = dict(params, oracle_auc=round(oracle_auc, 6))
+        (tmp / PARAMS_FILE).write_text(json.dumps(recorded, indent=2) + "\n")
+    logger.info("synthetic data written to %s (oracle AUC %.4f)", out_dir, oracle_auc)
+    return out_dir
+
+
+@dataclass
+class SyntheticSample:
+    """What the generator draws before writing any file.
+
+    users: userId, gender, age_group (0-6), occupation (0-20), zipcode.
+    movies: movieId, title, year, genre_flags (n_movies, 18) bool in GENRES order.
+    ratings: userId, movieId, rating (1-5), timestamp, p_positive; sorted by user, then time.
+    """
+
+    users: pd.DataFrame
+    movies: pd.DataFrame
+    genre_flags: np.ndarray
+    ratings: pd.DataFrame
+
+
+def sample_movielens(params: dict) -> SyntheticSample:
+    """Draw users, movies and ratings for ``params`` (see :func:`synthetic_params`)."""
+    fmt, n_users, n_movies, n_ratings = params["fmt"], params["n_users"], params["n_movies"], params["n_ratings"]
+    if n_users < 1 or n_movies < _MIN_RATINGS_PER_USER:
+        raise DataError(f"synthetic data needs n_users >= 1 and n_movies >= {_MIN_RATINGS_PER_USER}")
+    cap = max(int(np.ceil(0.62 * n_movies)), -(-n_ratings // n_users))
+    cap = min(cap, n_movies)
+    if not _MIN_RATINGS_PER_USER * n_users <= n_ratings <= cap * n_users:
+        raise DataError(
+            f"n_ratings={n_ratings} is impossible for {n_users} users and {n_movies} movies: every user rates "
+            f"{_MIN_RATINGS_PER_USER} to {cap} distinct movies"
+        )
+    streams = np.random.SeedSequence([params["seed"], GENERATOR_VERSION]).spawn(8)
+    rng_users, rng_movies, rng_signal, rng_counts, rng_pick, rng_noise, rng_time, rng_titles = (
+        np.random.default_rng(s) for s in streams
+    )
+
+    # Users: demographics drawn with ml-1m's shares.
+    gender = np.where(rng_users.random(n_users) < 0.2829, "F", "M")
+    age_group = rng_users.choice(len(_AGE_SHARES), size=n_users, p=_AGE_SHARES / _AGE_SHARES.sum())
+    occupation = rng_users.choice(len(_OCCUPATION_SHARES), size=n_users, p=_OCCUPATION_SHARES / _OCCUPATION_SHARES.sum())
+    zip_pool = rng_users.integers(1000, 100_000, size=max(1, int(0.57 * n_users)))
+    zipcode = np.char.zfill(zip_pool[rng_users.integers(0, zip_pool.size, size=n_users)].astype(str), 5)
+    users = pd.DataFrame(
+        {
+            "userId": np.arange(1, n_users + 1, dtype=np.int64),
+            "gender": gender.astype(object),
+            "age_group": age_group,
+            "occupation": occupation.astype(np.int64),
+            "zipcode": zipcode.astype(object),
+        }
+    )
+
+    # Movies: ml-1m ids have gaps (3,706 rated movies among ids up to 3,952); ml-100k ids are 1..n.
+    if fmt == "ml-1m":
+        max_id = int(np.ceil(n_movies * 1.0664))
+        movie_ids = np.sort(rng_movies.choice(max_id, size=n_movies, replace=False) + 1).astype(np.int64)
+    else:
+        movie_ids = np.arange(1, n_movies + 1, dtype=np.int64)
+    n_genres = rng_movies.choice(4, size=n_movies, p=[0.55, 0.32, 0.11, 0.02]) + 1
+    # Gumbel top-k: each movie gets n_genres distinct genres, weighted by ml-1m's genre frequencies.
+    genre_keys = np.log(_GENRE_SHARES)[None, :] + rng_movies.gumbel(size=(n_movies, len(GENRES)))
+    genre_rank = np.argsort(np.argsort(-genre_keys, axis=1), axis=1)
+    genre_flags = genre_rank < n_genres[:, None]
+    titles, years = _titles(n_movies, _MAX_YEAR[fmt], rng_titles)
+    movies = pd.DataFrame({"movieId": movie_ids, "title": titles, "year": years})
+
+    # Signal: biases, low-rank affinity with genre-driven movie factors, demographic x genre effects.
+    popularity = rng_signal.standard_normal(n_movies)
+    user_bias = _SD_USER_BIAS * rng_signal.standard_normal(n_users)
+    movie_bias = _SD_MOVIE_BIAS * (0.45 * popularity + np.sqrt(1 - 0.45**2) * rng_signal.standard_normal(n_movies))
+    genre_factors = rng_signal.standard_normal((len(GENRES), _RANK))
+    movie_factors = genre_flags @ genre_factors / np.sqrt(n_genres)[:, None] + rng_signal.standard_normal((n_movies, _RANK))
+    movie_factors /= np.sqrt(2.0 * _RANK)
+    user_factors = _SD_AFFINITY * rng_signal.standard_normal((n_users, _RANK))
+    taste = (
+        rng_signal.standard_normal((len(_AGE_SHARES), len(GENRES)))[age_group]
+        + rng_signal.standard_normal((2, len(GENRES)))[(gender == "F").astype(int)]
+        + rng_signal.standard_normal((len(_OCCUPATION_SHARES), len(GENRES)))[occupation]
+    ) * (_SD_DEMOGRAPHIC / np.sqrt(3.0))
+
+    # Who rates what: heavy-tailed counts per user, popularity-weighted picks without replacement.
+    counts = _ratings_per_user(n_users, n_ratings, cap, rng_counts)
+    log_weight = _SD_POPULARITY * popularity
+    user_idx = np.repeat(np.arange(n_users), counts)
+    movie_idx = np.empty(n_ratings, dtype=np.int64)
+    chunk = max(1, 4_000_000 // n_movies)  # bounds the (users x movies) key matrix to ~16 MB
+    start = 0
+    for lo in range(0, n_users, chunk):
+        hi = min(n_users, lo + chunk)
+        keys = log_weight[None, :] + rng_pick.gumbel(size=(hi - lo, n_movies))
+        order = np.argsort(-keys, axis=1, kind="stable")
+        picked = order[np.arange(n_movies)[None, :] < counts[lo:hi, None]]
+        movie_idx[start : start + picked.size] = picked
+        start += picked.size
+
+    score = (
+        user_bias[user_idx]
+        + movie_bias[movie_idx]
+        + np.einsum("nk,nk->n", user_factors[user_idx], movie_factors[movie_idx])
+        + np.einsum("ng,ng->n", taste[user_idx], genre_flags[movie_idx]) / np.sqrt(n_genres[movie_idx])
+    )
+    latent = score + rng_noise.standard_normal(n_ratings)
+    thresholds = np.quantile(latent, np.cumsum(ML1M_RATING_SHARES)[:-1])
+    rating = 1 + np.searchsorted(thresholds, latent, side="right")
+    p_positive = ndtr(score - thresholds[2])  # P(latent > threshold between 3 and 4 stars)
+
+    t_lo, t_hi = _TIME_RANGE[fmt]
+    first = t_lo + (t_hi - t_lo) * rng_time.beta(1.0, 4.0, size=n_users)
+    span = rng_time.exponential(30 * 86_400, size=n_users)
+    timestamp = np.minimum(first[user_idx] + span[user_idx] * rng_time.random(n_ratings), t_hi).astype(np.int64)
+
+    ratings = pd.DataFrame(
+        {
+            "userId": users["userId"].to_numpy()[user_idx],
+            "movieId": movie_ids[movie_idx],
+            "rating": rating.astype(np.int64),
+            "timestamp": timestamp,
+            "p_positive": p_positive,
+        }
+    )
+    ratings = ratings.sort_values(["userId", "timestamp", "movieId"], kind="stable", ignore_index=True)
+    return SyntheticSample(users=users, movies=movies, genre_flags=genre_flags, ratings=ratings)
+
+
+def _ratings_per_user(n_users: int, n_ratings: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """Integer counts (n_users,) in [20, cap] summing to n_ratings, log-normal (heavy-tailed) above the minimum."""
+    extra_total = n_ratings - _MIN_RATINGS_PER_USER * n_users
+    room = cap - _MIN_RATINGS_PER_USER
+    weight = rng.lognormal(0.0, 1.15, size=n_users)
+    extra = weight / weight.sum() * extra_total
+    for _ in range(100):  # pour what exceeds the cap back onto the users below it
+        over = extra > room
+        if not over.any():
+            break
+        spill = (extra[over] - room).sum()
+        extra[over] = room
+        below = extra < room
+        extra[below] += spill * weight[below] / weight[below].sum()
+    whole = np.floor(extra).astype(np.int64)
+    short = extra_total - int(whole.sum())
+    if short:
+        # Largest remainders first among users with room left (stable, so deterministic).
+        eligible = np.flatnonzero(whole < room)
+        top = eligible[np.argsort(-(extra - whole)[eligible], kind="stable")[:short]]
+        whole[top] += 1
+    return whole + _MIN_RATINGS_PER_USER
+
+
+_WORDS = (
+    "Love Night Day City Man Woman Girl Boy King Queen Dark Blue Red Black White Last First Lost Secret Dead "
+    "Heart Road River Island House Street Dream Time Life Death War Star Moon Sun Fire Ice Storm Wind Shadow "
+    "Angel Devil Ghost Hunter Killer Stranger Family Father Mother Brother Sister Son Daughter Friend Kiss "
+    "Game Money Gold Diamond Heaven Hell Paradise Wild Crazy Little Big Great Golden Silent Broken Perfect "
+    "Summer Winter Spring Autumn Home Journey Escape Return Revenge Power Glory Honor Truth Lies Fear Rain "
+    "Snow Sea Mountain Desert Forest Garden Empire Kingdom Legend Story Tale Song Dance Music Blood Bullet "
+    "Wedding Party School Train Ship Bridge Tower Castle Hotel Diner Window Door Mirror Clock Echo Zero "
+    "Sky Thunder Tiger Wolf Dragon Horse Eagle Snake Fox Bear Rose Lily Cowboy Detective Doctor Pilot Soldier "
+    "Spy Thief Saint Sinner Beauty Beast Hero Villain Rebel Outlaw Prince Princess Joker Wizard Robot Alien"
+).split()
+_NAMES = "Jack Sally Harry Annie Max Lucy Frankie Billy Rosie Charlie Nell Eddie Marty Dolores Sam".split()
+# Latin-1 words, as in ml-1m's foreign titles ("Misérables, Les", "Cité des enfants perdus, La").
+_LATIN1_WORDS = (
+    "Misérables Amélie Être Niño Señor Mädchen Garçon Côte Noël Fräulein Café Déjà Müde Élan Fiancée Ça "
+    "Hôtel Sueño Corazón Père Fête Rêve Crème Brûlée Château Dôme Öl Über Jalousie Señorita"
+).split()
+_ARTICLES = (("The", 0.10), ("A", 0.03), ("Les", 0.01), ("La", 0.01), ("Le", 0.01), ("Das", 0.004), ("El", 0.004))
+
+
+def _titles(n: int, max_year: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+    """n MovieLens-style titles ("Name, The (1995)", latin-1 words, subtitles, aka titles) and their years."""
+    years = np.clip(max_year - np.floor(rng.exponential(9.0, size=n)).astype(np.int64), 1919, max_year)
+    titles = []
+    for i in range(n):
+        words = list(rng.choice(_WORDS, size=int(rng.integers(1, 4))))
+        if rng.random() < 0.12:
+            words[int(rng.integers(len(words)))] = str(rng.choice(_LATIN1_WORDS))
+        if rng.random() < 0.08:
+            words.insert(0, str(rng.choice(_NAMES)) + "'s")
+        name = " ".join(words)
+        if rng.random() < 0.06:
+            name += ": " + " ".join(rng.choice(_WORDS, size=int(rng.integers(1, 3))))
+        elif rng.random() < 0.04:
+            name += f" {int(rng.integers(2, 5))}"
+        u = rng.random()
+        for article, share in _ARTICLES:
+            if u < share:
+                name = f"{name}, {article}"
+                break
+            u -= share
+        if rng.random() < 0.03:
+            name += f" ({' '.join(rng.choice(_WORDS, size=2))})"
+        titles.append(f"{name} ({years[i]})")
+    if n >= 2:
+        # Plant the famous latin-1 title so every synthetic set exercises the encoding.
+        titles[1], years[1] = "Misérables, Les (1995)", 1995
+    return titles, years
+
+
+def _lines(*columns) -> list:
+    return [np.asarray(c).tolist() for c in columns]
+
+
+def _write_ml1m(sample: SyntheticSample, out: Path) -> None:
+    """ratings.dat, users.dat, movies.dat: '::'-separated, '\\n' line ends, latin-1 (movies.dat titles)."""
+    r, u, m = sample.ratings, sample.users, sample.movies
+    with open(out / "ratings.dat", "w", encoding="ascii", newline="\n") as f:
+        f.writelines(map("{}::{}::{}::{}\n".format, *_lines(r["userId"], r["movieId"], r["rating"], r["timestamp"])))
+    ages = np.asarray(ML1M_AGE_CODES)[u["age_group"].to_numpy()]
+    with open(out / "users.dat", "w", encoding="ascii", newline="\n") as f:
+        f.writelines(map("{}::{}::{}::{}::{}\n".format, *_lines(u["userId"], u["gender"], ages, u["occupation"], u["zipcode"])))
+    genres = ["|".join(g for g, on in zip(GENRES, flags) if on) for flags in sample.genre_flags]
+    with open(out / "movies.dat", "w", encoding="latin-1", newline="\n") as f:
+        f.writelines(map("{}::{}::{}\n".format, *_lines(m["movieId"], m["title"]), genres))
+
+
+_MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+
+
+def _write_ml100k(sample: SyntheticSample, out: Path, rng: np.random.Generator) -> None:
+    """u.data, u.user, u.item, u.genre, u.occupation, u.info and the ua/ub/u1-u5 .base/.test splits."""
+    r, u, m = sample.ratings, sample.users, sample.movies
+    n = len(r)
+    # u.data is in no particular order in the original; the split files are sorted by user, then movie.
+    shuffled = rng.permutation(n)
+    _write_udata(out / "u.data", r.iloc[shuffled])
+
+    lo_hi = np.asarray(AGE_RANGES)[u["age_group"].to_numpy()]
+    ages = rng.integers(lo_hi[:, 0], lo_hi[:, 1] + 1)
+    occupations = np.asarray(ML100K_OCCUPATIONS)[u["occupation"].to_numpy()]
+    with open(out / "u.user", "w", encoding="ascii", newline="\n") as f:
+        f.writelines(map("{}|{}|{}|{}|{}\n".format, *_lines(u["userId"], ages, u["gender"], occupations, u["zipcode"])))
+
+    # ml-100k flags "unknown" for a movie with no genre; ours always have one, so that flag stays 0.
+    flags = np.concatenate([np.zeros((len(m), 1), dtype=int), sample.genre_flags.astype(int)], axis=1)
+    days = rng.integers(1, 29, size=len(m))
+    months = rng.integers(0, 12, size=len(m))
+    with open(out / "u.item", "w", encoding="latin-1", newline="\n") as f:
+        for movie_id, title, year, day, month, row in zip(
+            m["movieId"].tolist(), m["title"].tolist(), m["year"].tolist(), days.tolist(), months.tolist(), flags.tolist()
+        ):
+            url = "http://us.imdb.com/M/title-exact?" + urllib.parse.quote(title, safe="(),'!&:", encoding="latin-1")
+            release = f"{day:02d}-{_MONTHS[month]}-{year}"
+            f.write(f"{movie_id}|{title}|{release}||{url}|" + "|".join(map(str, row)) + "\n")
+
+    with open(out / "u.genre", "w", encoding="ascii", newline="\n") as f:
+        f.writelines(f"{name}|{i}\n" for i, name in enumerate(ML100K_GENRES))
+        f.write("\n")  # the original ends with an empty line
+    with open(out / "u.occupation", "w", encoding="ascii", newline="\n") as f:
+        f.writelines(f"{name}\n" for name in ML100K_OCCUPATIONS)
+    with open(out / "u.info", "w", encoding="ascii", newline="\n") as f:
+        f.write(f"{len(u)} users\n{len(m)} items\n{n} ratings\n")
+
+    # ua / ub: 10 ratings per user in the test file (disjoint between ua and ub); u1-u5: 5 disjoint folds.
+    position = np.empty(n, dtype=np.int64)
+    user_codes = r["userId"].to_numpy()
+    order = np.lexsort((rng.random(n), user_codes))  # users together, random order inside each user
+    starts = np.r_[0, np.flatnonzero(np.diff(user_codes[order])) + 1]
+    counts = np.diff(np.r_[starts, n])
+    position[order] = np.arange(n) - np.repeat(starts, counts)
+    by_user_movie = np.lexsort((r["movieId"].to_numpy(), user_codes))
+    for name, test in (("ua", position < 10), ("ub", (position >= 10) & (position < 20))):
+        _write_udata(out / f"{name}.base", r.iloc[by_user_movie[~test[by_user_movie]]])
+        _write_udata(out / f"{name}.test", r.iloc[by_user_movie[test[by_user_movie]]])
+    fold = rng.permutation(n) % 5
+    for k in range(5):
+        test = fold == k
+        _write_udata(out / f"u{k + 1}.base", r.iloc[by_user_movie[~test[by_user_movie]]])
+        _write_udata(out / f"u{k + 1}.test", r.iloc[by_user_movie[test[by_user_movie]]])
+
+
+def _write_udata(path: Path, ratings: pd.DataFrame) -> None:
+    with open(path, "w", encoding="ascii", newline="\n") as f:
+        f.writelines(
+            map("{}\t{}\t{}\t{}\n".format, *_lines(ratings["userId"], ratings["movieId"], ratings["rating"], ratings["timestamp"]))
+        )

@@ -1,0 +1,122 @@
+"""The synthetic generator writes the original formats, deterministically, with a learnable signal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.datasets import generate_synthetic, read_movielens, read_oracle, read_synthetic_params
+from pipeline.datasets.constants import ML1M_RATING_SHARES
+from pipeline.datasets.synthetic import roc_auc
+from pipeline.errors import DataError
+
+SMALL = dict(n_users=400, n_movies=300, n_ratings=40_000)
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_ml1m_files_read_back_with_the_real_codes(synthetic_raw):
+    raw = read_movielens("ml-1m", synthetic_raw)
+    assert sorted(p.name for p in synthetic_raw.iterdir()) == [
+        "movies.dat", "oracle.parquet", "ratings.dat", "synthetic.json", "users.dat",
+    ]
+    assert len(raw.ratings) == 40_000 and len(raw.users) == 400 and len(raw.movies) == 300
+    assert set(raw.users["age"]) <= {1, 18, 25, 35, 45, 50, 56} and len(set(raw.users["age"])) >= 6
+    assert set(raw.users["occupation"]) <= set(range(21))
+    assert set(raw.users["gender"]) == {"M", "F"}
+    assert raw.users["zipcode"].str.fullmatch(r"\d{5}").all()
+    assert "Misérables, Les (1995)" in set(raw.movies["title"])
+    assert raw.movies["title"].str.fullmatch(r".+ \(\d{4}\)").all()
+    assert all(1 <= len(g) <= 4 for g in raw.movies["genres"])
+    # Each (user, movie) pair once, every user with at least 20 ratings.
+    assert not raw.ratings.duplicated(["userId", "movieId"]).any()
+    assert raw.ratings.groupby("userId").size().min() >= 20
+
+
+def test_ml1m_bytes_match_the_original_layout(synthetic_raw):
+    first = (synthetic_raw / "ratings.dat").read_bytes().split(b"\n", 1)[0]
+    assert first.count(b"::") == 3 and b"\r" not in first
+    movies = (synthetic_raw / "movies.dat").read_bytes()
+    assert "Misérables, Les (1995)".encode("latin-1") in movies  # latin-1, not utf-8
+    user = (synthetic_raw / "users.dat").read_text().splitlines()[0].split("::")
+    assert len(user) == 5 and user[1] in ("M", "F")
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
+    a = generate_synthetic(tmp_path / "a", seed=3, n_users=60, n_movies=50, n_ratings=2_000)
+    b = generate_synthetic(tmp_path / "b", seed=3, n_users=60, n_movies=50, n_ratings=2_000)
+    c = generate_synthetic(tmp_path / "c", seed=4, n_users=60, n_movies=50, n_ratings=2_000)
+    assert _digest(a) == _digest(b)
+    assert _digest(a)["ratings.dat"] != _digest(c)["ratings.dat"]
+
+
+def test_histogram_close_to_ml1m_and_oracle_recorded(synthetic_raw):
+    raw = read_movielens("ml-1m", synthetic_raw)
+    shares = raw.ratings["rating"].value_counts(normalize=True).sort_index().to_numpy()
+    np.testing.assert_allclose(shares, ML1M_RATING_SHARES, atol=0.02)
+    oracle = read_oracle(synthetic_raw)
+    assert list(oracle.columns) == ["userId", "movieId", "p_positive"]
+    pd.testing.assert_frame_equal(oracle[["userId", "movieId"]], raw.ratings[["userId", "movieId"]])
+    assert oracle["p_positive"].between(0, 1).all()
+    recorded = json.loads((synthetic_raw / "synthetic.json").read_text())
+    assert recorded["seed"] == 0 and recorded["n_ratings"] == 40_000 and recorded["fmt"] == "ml-1m"
+    assert recorded["oracle_auc"] == pytest.approx(roc_auc(raw.ratings["rating"] > 3, oracle["p_positive"]), abs=1e-6)
+
+
+def _bias_model_scores(train: pd.DataFrame, test: pd.DataFrame, reg: float = 5.0) -> np.ndarray:
+    """A user + movie bias model fitted by alternating regularised means: the baseline the oracle must beat."""
+    mean = train["rating"].mean()
+    movie_bias = pd.Series(0.0, index=train["movieId"].unique())
+    for _ in range(5):
+        residual = train["rating"] - mean - movie_bias.reindex(train["movieId"]).to_numpy()
+        grouped = residual.groupby(train["userId"].to_numpy())
+        user_bias = grouped.sum() / (grouped.count() + reg)
+        residual = train["rating"] - mean - user_bias.reindex(train["userId"]).to_numpy()
+        grouped = residual.groupby(train["movieId"].to_numpy())
+        movie_bias = grouped.sum() / (grouped.count() + reg)
+    return (
+        mean
+        + user_bias.reindex(test["userId"]).fillna(0).to_numpy()
+        + movie_bias.reindex(test["movieId"]).fillna(0).to_numpy()
+    )
+
+
+def test_oracle_is_informative_and_beats_a_bias_model(synthetic_raw):
+    ratings = read_movielens("ml-1m", synthetic_raw).ratings
+    oracle = read_oracle(synthetic_raw)["p_positive"].to_numpy()
+    held_out = np.random.default_rng(0).random(len(ratings)) < 0.2
+    labels = ratings["rating"].to_numpy()[held_out] > 3
+    oracle_auc = roc_auc(labels, oracle[held_out])
+    bias_auc = roc_auc(labels, _bias_model_scores(ratings[~held_out], ratings[held_out]))
+    assert oracle_auc > 0.8
+    assert oracle_auc > bias_auc + 0.04
+    assert bias_auc > 0.6  # the biases are part of the signal too
+
+
+def test_existing_dir_is_reused_or_protected(tmp_path, caplog):
+    out = generate_synthetic(tmp_path / "s", n_users=30, n_movies=40, n_ratings=900)
+    stamp = (out / "ratings.dat").stat().st_mtime_ns
+    assert generate_synthetic(out, n_users=30, n_movies=40, n_ratings=900) == out
+    assert (out / "ratings.dat").stat().st_mtime_ns == stamp
+    generate_synthetic(out, n_users=30, n_movies=40, n_ratings=901)
+    assert read_synthetic_params(out)["n_ratings"] == 901
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temporary sibling left behind
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a synthetic raw dir"):
+        generate_synthetic(mine, n_users=30, n_movies=40, n_ratings=900)
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_impossible_sizes_are_refused(tmp_path):
+    with pytest.raises(DataError, match="n_ratings=100 is impossible"):
+        generate_synthetic(tmp_path / "s", n_users=10, n_movies=50, n_ratings=100)
+    assert not (tmp_path / "s").exists()
