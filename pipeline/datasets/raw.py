@@ -62,8 +62,14 @@ def check_values(file: DelimitedFile, frame: pd.DataFrame, column: str, allowed)
     allowed = list(allowed)
     file.check(
         np.isin(values, np.asarray(allowed, dtype=values.dtype)),
-        lambda row: f"{column} {values[row]!r} is not one of {', '.join(map(str, allowed))}",
+        lambda row: f"{column} {_show(values[row])} is not one of {', '.join(map(str, allowed))}",
     )
+
+
+def _show(value) -> str:
+    """A value for a message: strings quoted, numpy scalars as plain numbers."""
+    value = value.item() if hasattr(value, "item") else value
+    return repr(value) if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def check_gender(file: DelimitedFile, users: pd.DataFrame) -> None:

@@ -1,0 +1,177 @@
+"""Bad raw input gets a DataError that names the file and the line (1-based, as an editor shows it)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import zipfile
+
+import pytest
+
+from pipeline.datasets import generate_synthetic, read_movielens
+from pipeline.errors import DataError
+
+TINY = dict(n_users=30, n_movies=40, n_ratings=900, seed=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_ml1m(tmp_path_factory):
+    return generate_synthetic(tmp_path_factory.mktemp("raw") / "ml-1m", fmt="ml-1m", **TINY)
+
+
+@pytest.fixture(scope="module")
+def tiny_ml100k(tmp_path_factory):
+    return generate_synthetic(tmp_path_factory.mktemp("raw") / "ml-100k", fmt="ml-100k", **TINY)
+
+
+@pytest.fixture
+def ml1m(tiny_ml1m, tmp_path):
+    return shutil.copytree(tiny_ml1m, tmp_path / "ml-1m")
+
+
+@pytest.fixture
+def ml100k(tiny_ml100k, tmp_path):
+    return shutil.copytree(tiny_ml100k, tmp_path / "ml-100k")
+
+
+def set_line(path, line_number: int, text: str, encoding: str = "latin-1"):
+    lines = path.read_bytes().decode(encoding).split("\n")
+    lines[line_number - 1] = text
+    path.write_bytes("\n".join(lines).encode(encoding))
+
+
+def line(path, line_number: int) -> list[str]:
+    return path.read_bytes().decode("latin-1").split("\n")[line_number - 1].split("::")
+
+
+def expect(variant, path, *fragments):
+    with pytest.raises(DataError) as err:
+        read_movielens(variant, path)
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
+    return str(err.value)
+
+
+def test_missing_path_and_missing_file(ml1m, tmp_path):
+    expect("ml-1m", tmp_path / "nowhere", "nowhere: no such file or directory")
+    (ml1m / "users.dat").unlink()
+    expect("ml-1m", ml1m, "users.dat: missing", "ratings.dat, users.dat, movies.dat")
+
+
+def test_not_a_zip(tmp_path):
+    fake = tmp_path / "ml-1m.zip"
+    fake.write_text("not a zip")
+    expect("ml-1m", fake, "ml-1m.zip: not a folder and not a valid zip file")
+
+
+def test_wrong_format_csv_where_double_colon_expected(ml1m):
+    (ml1m / "ratings.dat").write_text("userId,movieId,rating,timestamp\n1,2,3,4\n")
+    expect("ml-1m", ml1m, "ratings.dat line 1: expected 4 fields", "separated by '::', found 1")
+
+
+def test_malformed_line_wrong_field_count(ml1m):
+    set_line(ml1m / "ratings.dat", 7, "1::2::3")
+    expect("ml-1m", ml1m, f"{ml1m / 'ratings.dat'} line 7: expected 4 fields", "found 3: '1::2::3'")
+
+
+def test_non_integer_id(ml1m):
+    fields = line(ml1m / "ratings.dat", 5)
+    set_line(ml1m / "ratings.dat", 5, "::".join(["u12"] + fields[1:]))
+    expect("ml-1m", ml1m, "ratings.dat line 5: userId must be an integer, found 'u12'")
+
+
+def test_rating_outside_scale(ml1m):
+    fields = line(ml1m / "ratings.dat", 9)
+    set_line(ml1m / "ratings.dat", 9, "::".join(fields[:2] + ["6"] + fields[3:]))
+    expect("ml-1m", ml1m, "ratings.dat line 9: rating 6 is outside 1-5")
+
+
+def test_half_star_in_whole_star_variant(ml1m):
+    fields = line(ml1m / "ratings.dat", 4)
+    set_line(ml1m / "ratings.dat", 4, "::".join(fields[:2] + ["3.5"] + fields[3:]))
+    expect("ml-1m", ml1m, "ratings.dat line 4: rating 3.5 is outside 1-5 in steps of 1")
+
+
+def test_unknown_user_and_unknown_movie(ml1m):
+    fields = line(ml1m / "ratings.dat", 3)
+    set_line(ml1m / "ratings.dat", 3, "::".join(["99999"] + fields[1:]))
+    expect("ml-1m", ml1m, "ratings.dat line 3: userId 99999 is not listed in users.dat")
+    set_line(ml1m / "ratings.dat", 3, "::".join(fields[:1] + ["77777"] + fields[2:]))
+    expect("ml-1m", ml1m, "ratings.dat line 3: movieId 77777 is not listed in movies.dat")
+
+
+def test_bad_user_codes(ml1m):
+    fields = line(ml1m / "users.dat", 2)
+    set_line(ml1m / "users.dat", 2, "::".join(fields[:1] + ["X"] + fields[2:]))
+    expect("ml-1m", ml1m, "users.dat line 2: gender 'X' is not one of M, F")
+    set_line(ml1m / "users.dat", 2, "::".join(fields[:2] + ["17"] + fields[3:]))
+    expect("ml-1m", ml1m, "users.dat line 2: age 17 is not one of 1, 18, 25, 35, 45, 50, 56")
+
+
+def test_duplicate_movie(ml1m):
+    first = line(ml1m / "movies.dat", 1)
+    set_line(ml1m / "movies.dat", 6, "::".join([first[0], "Copy (1999)", "Drama"]))
+    expect("ml-1m", ml1m, f"movies.dat line 6: movieId {first[0]} appears a second time")
+
+
+def test_empty_file(ml1m):
+    (ml1m / "movies.dat").write_bytes(b"")
+    expect("ml-1m", ml1m, "movies.dat: the file is empty")
+
+
+def test_blank_lines_do_not_shift_line_numbers(ml1m):
+    text = (ml1m / "ratings.dat").read_text().split("\n")
+    fields = text[5].split("::")
+    text[5] = "::".join(fields[:2] + ["0"] + fields[3:])
+    text.insert(2, "")  # the bad rating now sits on line 7
+    (ml1m / "ratings.dat").write_text("\n".join(text))
+    expect("ml-1m", ml1m, "ratings.dat line 7: rating 0 is outside 1-5")
+
+
+def test_error_inside_zip_names_the_member(ml1m, tmp_path):
+    set_line(ml1m / "ratings.dat", 2, "2::oops::3::4")
+    archive = tmp_path / "ml-1m.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in ml1m.iterdir():
+            z.write(path, f"ml-1m/{path.name}")
+    expect("ml-1m", archive, "ml-1m.zip:ml-1m/ratings.dat line 2: movieId must be an integer, found 'oops'")
+
+
+def test_ml100k_unknown_occupation_and_bad_item_line(ml100k):
+    fields = (ml100k / "u.user").read_text().split("\n")[3].split("|")
+    set_line(ml100k / "u.user", 4, "|".join(fields[:3] + ["astronaut"] + fields[4:]))
+    expect("ml-100k", ml100k, "u.user line 4: occupation 'astronaut' is not listed in u.occupation")
+    shutil.copy(ml100k / "u.user", ml100k / "u.user.bad")
+    set_line(ml100k / "u.user", 4, "|".join(fields))
+    set_line(ml100k / "u.item", 2, "2|Short line (1995)|01-Jan-1995")
+    expect("ml-100k", ml100k, "u.item line 2: expected 24 fields", "found 3")
+
+
+def test_ml100k_split_naming_unknown_movie(ml100k):
+    fields = (ml100k / "ua.test").read_text().split("\n")[0].split("\t")
+    set_line(ml100k / "ua.test", 1, "\t".join(fields[:1] + ["5000"] + fields[2:]))
+    expect("ml-100k", ml100k, "ua.test line 1: movieId 5000 is not listed in u.item")
+
+
+def make_ml25m(folder, ratings: str, movies: str = "movieId,title,genres\n1,\"Heat, The (1995)\",Action\n"):
+    folder.mkdir()
+    (folder / "movies.csv").write_text(movies)
+    (folder / "ratings.csv").write_text(ratings)
+    return folder
+
+
+def test_ml25m_bad_header_and_half_star_scale(tmp_path):
+    expect("ml-25m", make_ml25m(tmp_path / "a", "1::1::4::5\n"), "ratings.csv line 1: expected the header")
+    ok = "userId,movieId,rating,timestamp\n1,1,4.5,1\n2,1,0.5,2\n"
+    read_movielens("ml-25m", make_ml25m(tmp_path / "b", ok))
+    message = expect("ml-25m", make_ml25m(tmp_path / "c", ok + "3,1,0.0,3\n"), "ratings.csv line 4: rating 0")
+    assert re.search(r"outside 0\.5-5 in steps of 0\.5", message)
+    expect("ml-25m", make_ml25m(tmp_path / "d", ok + "3,1,3.25,3\n"), "line 4: rating 3.25")
+    expect("ml-25m", make_ml25m(tmp_path / "e", ok + "3,2,3,3\n"), "line 4: movieId 2 is not listed in movies.csv")
+    expect("ml-25m", make_ml25m(tmp_path / "f", "userId,movieId,rating,timestamp\n"), "ratings.csv: the file has no rows")
+
+
+def test_ml25m_unbalanced_quote(tmp_path):
+    movies = 'movieId,title,genres\n1,Heat (1995),Action\n2,"Broken, title (1995),Drama\n'
+    ratings = "userId,movieId,rating,timestamp\n1,1,4.5,1\n"
+    expect("ml-25m", make_ml25m(tmp_path / "a", ratings, movies), "movies.csv line 3")
