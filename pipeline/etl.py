@@ -1,0 +1,363 @@
+"""ETL stage: raw MovieLens -> train/valid split -> NVTabular workflow -> parquet + schema.pbtxt + saved workflow.
+
+``python -m pipeline etl --dataset {ml-100k,ml-1m,ml-25m,synthetic} --out DIR`` writes::
+
+    DIR/train/part_*.parquet + schema.pbtxt    training split, target encodings out-of-fold
+    DIR/valid/part_*.parquet + schema.pbtxt    validation split, full-train target encodings
+    DIR/workflow/                             nvt.Workflow.save of the fitted workflow (+ manifest.json)
+    DIR/etl.json                              rows, columns, cardinalities, seconds per phase
+
+The output is built in a hidden temporary sibling of DIR and renamed into place at the end, so a failed
+run leaves DIR as it was and no temporary directory behind. The workflow itself lives in
+``workflows/movielens.py``; the split in :func:`split_ratings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import DataError, PipelineError
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("ml-100k", "ml-1m", "ml-25m", "synthetic")
+SPLITS = ("random", "temporal", "official")
+DATA_DIR = Path("data")
+PHASES = ("read", "split", "fit", "transform_train", "transform_valid", "save")
+
+
+def split_ratings(
+    ratings: pd.DataFrame, method: str, valid_fraction: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split ratings into (train, valid), deterministically for a given ``seed``.
+
+    Args:
+        ratings: userId, movieId, rating, timestamp (one row per rating).
+        method: ``"random"``: a seeded random ``valid_fraction`` of all ratings is valid.
+            ``"temporal"``: per user, the latest ``floor(n_user * valid_fraction)`` ratings by timestamp
+            (ties broken by movieId) are valid, so every user keeps their earlier history in train.
+            (ml-100k's ``official`` split is read from its ua.base / ua.test files, not computed here.)
+        valid_fraction: in (0, 1).
+        seed: the random split's draw and the order of training rows (shuffled, so that the loader's
+            batches mix users even before its own shuffling).
+
+    Returns:
+        ``(train, valid)`` with a fresh RangeIndex; every input row is in exactly one of them.
+    """
+    if not 0.0 < valid_fraction < 1.0:
+        raise DataError(f"--valid-fraction must be between 0 and 1 (exclusive), got {valid_fraction}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5E11]))
+    n = len(ratings)
+    if method == "random":
+        order = rng.permutation(n)
+        n_valid = int(round(n * valid_fraction))
+        valid_rows, train_rows = np.sort(order[:n_valid]), order[n_valid:]
+    elif method == "temporal":
+        by_time = ratings.sort_values(["userId", "timestamp", "movieId"], kind="stable")
+        position = by_time.groupby("userId", sort=False).cumcount().to_numpy()
+        count = by_time.groupby("userId", sort=False)["userId"].transform("size").to_numpy()
+        is_valid = position >= count - np.floor(count * valid_fraction)
+        index = by_time.index.to_numpy()
+        valid_rows = np.sort(ratings.index.get_indexer(index[is_valid]))
+        train_rows = rng.permutation(np.sort(ratings.index.get_indexer(index[~is_valid])))
+    else:
+        raise DataError(f"split method must be 'random' or 'temporal' here (got {method!r}); "
+                        "'official' comes from ml-100k's ua.base / ua.test")
+    train = ratings.iloc[train_rows].reset_index(drop=True)
+    valid = ratings.iloc[valid_rows].reset_index(drop=True)
+    if train.empty or valid.empty:
+        raise DataError(
+            f"the {method} split with valid fraction {valid_fraction} leaves an empty "
+            f"{'train' if train.empty else 'valid'} set ({n} ratings)"
+        )
+    return train, valid
+
+
+def locate_raw(dataset: str, raw: Path | None, **synthetic_size) -> Path:
+    """The raw folder or zip for ``dataset``: ``raw`` if given, else under ``data/raw/`` (generating or
+    downloading it when missing). ``synthetic_size``: n_users / n_movies / n_ratings / seed for the generator."""
+    if dataset == "synthetic":
+        from pipeline.datasets import generate_synthetic, read_synthetic_params
+
+        if raw is not None and not synthetic_size and read_synthetic_params(raw) is not None:
+            return Path(raw)  # an existing synthetic dir, whatever its size
+        return generate_synthetic(raw or DATA_DIR / "raw" / "synthetic", fmt="ml-1m", **synthetic_size)
+    if synthetic_size:
+        raise DataError(f"size options {sorted(synthetic_size)} only apply to --dataset synthetic")
+    if raw is not None:
+        return Path(raw)
+    for candidate in (DATA_DIR / "raw" / dataset, DATA_DIR / "raw" / f"{dataset}.zip"):
+        if candidate.exists():
+            return candidate
+    try:
+        from pipeline.datasets import download_movielens
+    except ImportError:
+        download_movielens = None
+    if download_movielens is not None:
+        try:
+            return Path(download_movielens(dataset, DATA_DIR / "raw"))
+        except (OSError, PipelineError) as err:
+            reason = str(err)
+    else:
+        reason = "no download helper is available"
+    raise DataError(
+        f"no raw {dataset} files: {DATA_DIR / 'raw' / dataset} does not exist and the download failed ({reason}). "
+        f"Download https://files.grouplens.org/datasets/movielens/{dataset}.zip elsewhere and either place the zip "
+        f"(or its extracted folder) at {DATA_DIR / 'raw'}/ or pass --raw PATH."
+    )
+
+
+def run_etl(
+    dataset: str,
+    out: Path,
+    *,
+    raw: Path | None = None,
+    seed: int = 0,
+    valid_fraction: float = 0.2,
+    split: str = "random",
+    device: str = "auto",
+    workers: int | None = None,
+    dask_scheduler: str | None = None,
+    part_size: str | None = None,
+    **synthetic_size,
+) -> dict:
+    """Run the whole ETL for ``dataset`` into ``out`` and return the summary also written to ``out/etl.json``.
+
+    ``dataset``: ml-100k, ml-1m, ml-25m or synthetic (generated in ml-1m format into ``raw`` or
+    data/raw/synthetic, reused when its synthetic.json matches; ``synthetic_size`` = n_users, n_movies,
+    n_ratings, data_seed). ``split``: random | temporal | official (ml-100k only). ``device``: auto | cpu |
+    gpu. ``workers`` / ``dask_scheduler``: run on a local / existing Dask cluster. ``part_size``: target
+    in-memory size of a partition (e.g. "64MB"); each partition becomes one parquet file.
+    """
+    from pipeline.device import dask_cluster, resolve_device
+
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    out = Path(out)
+    device = resolve_device(device)
+    variant = "ml-1m" if dataset == "synthetic" else dataset
+    seconds: dict[str, float] = {}
+    progress = _progress()
+
+    with _phase("read", seconds, progress):
+        if "data_seed" in synthetic_size:
+            synthetic_size["seed"] = synthetic_size.pop("data_seed")
+        raw_path = locate_raw(dataset, Path(raw) if raw is not None else None, **synthetic_size)
+        from pipeline.datasets import read_movielens
+
+        movielens = read_movielens(variant, raw_path)
+
+    with _phase("split", seconds, progress):
+        if split == "official":
+            if movielens.official_split is None:
+                raise DataError(f"--split official needs ml-100k's ua.base / ua.test; {dataset} has no official split")
+            train, valid = (frame.reset_index(drop=True) for frame in movielens.official_split)
+        else:
+            train, valid = split_ratings(movielens.ratings, split, valid_fraction, seed)
+        _check_split(train, valid)
+
+    import merlin.io
+    import nvtabular as nvt
+
+    from pipeline.datasets.atomic import atomic_dir
+    from pipeline.ops import out_of_fold
+    from workflows.movielens import movielens_workflow
+
+    n_parts = _partitions(train, part_size)
+    cpu = device == "cpu"
+    with atomic_dir(out) as tmp, dask_cluster(device, workers=workers, scheduler=dask_scheduler):
+        fit_dir = tmp / ".fit"
+        workflow = movielens_workflow(variant, movielens.movies, movielens.users, out_path=fit_dir, seed=seed)
+        train_set = merlin.io.Dataset(train, npartitions=n_parts, cpu=cpu)
+        valid_set = merlin.io.Dataset(valid, npartitions=_partitions(valid, part_size), cpu=cpu)
+
+        with _phase("fit", seconds, progress), out_of_fold(workflow):
+            workflow.fit(train_set)
+        schema = _relocate_paths(workflow.output_schema, fit_dir, out / "workflow")
+        with _phase("transform_train", seconds, progress), out_of_fold(workflow):
+            _write(workflow.transform(train_set), tmp / "train", schema)
+        with _phase("transform_valid", seconds, progress):
+            _write(workflow.transform(valid_set), tmp / "valid", schema)
+        with _phase("save", seconds, progress):
+            workflow.save(str(tmp / "workflow"))
+            shutil.rmtree(fit_dir, ignore_errors=True)
+            _write_manifest(tmp / "workflow")
+
+        summary = {
+            "dataset": dataset,
+            "variant": variant,
+            "raw": str(raw_path),
+            "out": str(out),
+            "seed": seed,
+            "split": split,
+            "valid_fraction": valid_fraction if split != "official" else round(len(valid) / (len(train) + len(valid)), 6),
+            "device": device,
+            "workers": workers,
+            "dask_scheduler": dask_scheduler,
+            "partitions": n_parts,
+            "rows": {"train": len(train), "valid": len(valid)},
+            "columns": {
+                col.name: {"dtype": str(col.dtype.to_numpy), "is_list": bool(col.is_list),
+                           "tags": sorted(str(t.value) for t in col.tags)}
+                for col in schema
+            },
+            "cardinalities": {
+                col.name: int(col.properties["embedding_sizes"]["cardinality"])
+                for col in schema
+                if "embedding_sizes" in col.properties
+            },
+            "seconds": {name: round(value, 3) for name, value in seconds.items()},
+        }
+        summary["seconds"]["total"] = round(sum(seconds.values()), 3)
+        (tmp / "etl.json").write_text(json.dumps(summary, indent=2) + "\n")
+    progress.close()
+    logger.info("ETL of %s written to %s in %.1f s", dataset, out, summary["seconds"]["total"])
+    return summary
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _progress():
+    from tqdm.auto import tqdm
+
+    return tqdm(total=len(PHASES), desc="etl", unit="phase", leave=False, disable=None)
+
+
+@contextmanager
+def _phase(name: str, seconds: dict, progress):
+    """Time one phase into ``seconds[name]``, log it and advance the progress bar."""
+    progress.set_postfix_str(name)
+    start = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - start
+    progress.update(1)
+    logger.info("etl %-16s %6.2f s", name, seconds[name])
+
+
+def _check_split(train: pd.DataFrame, valid: pd.DataFrame) -> None:
+    if train.empty or valid.empty:
+        raise DataError(f"empty {'train' if train.empty else 'valid'} split")
+    if train["rating"].isna().any():
+        raise DataError("training ratings contain missing values")
+
+
+def _partitions(frame: pd.DataFrame, part_size: str | None) -> int:
+    """Partitions for an in-memory frame: ``part_size`` bytes each, default one per CPU core."""
+    if part_size is None:
+        return max(1, min(os.cpu_count() or 1, math.ceil(len(frame) / 100_000)))
+    from dask.utils import parse_bytes
+
+    try:
+        size = parse_bytes(part_size)
+    except ValueError as err:
+        raise DataError(f"--part-size {part_size!r} is not a size such as 64MB ({err})") from None
+    if size <= 0:
+        raise DataError(f"--part-size must be positive, got {part_size!r}")
+    return max(1, math.ceil(frame.memory_usage(deep=True).sum() / size))
+
+
+def _relocate_paths(schema, old: Path, new: Path):
+    """``schema`` with Categorify's ``cat_path`` properties pointing at the final output, not the temp dir."""
+    from merlin.schema import Schema
+
+    old_prefix, new_prefix = str(old), str(new)
+    columns = []
+    for col in schema:
+        path = col.properties.get("cat_path")
+        if isinstance(path, str) and path.startswith(old_prefix):
+            col = col.with_properties({**col.properties, "cat_path": new_prefix + path[len(old_prefix):]})
+        columns.append(col)
+    return Schema(columns)
+
+
+def _write(dataset, path: Path, schema) -> None:
+    """``dataset`` as part_*.parquet + schema.pbtxt under ``path`` (with ``schema``'s properties)."""
+    dataset.schema = schema
+    dataset.to_parquet(str(path), output_files=dataset.npartitions, write_hugectr_keyset=False)
+
+
+def _write_manifest(directory: Path) -> None:
+    # The inference stage refuses to unpickle a workflow whose files do not match this manifest.
+    try:
+        from pipeline.inference import write_manifest
+    except ImportError:  # inference stage not installed in this checkout
+        logger.warning("pipeline.inference.write_manifest unavailable: no manifest written for %s", directory)
+        return
+    write_manifest(directory)
+
+
+def _skip_tensorflow_import() -> None:
+    """Make ``import tensorflow`` fail in this process unless it already happened.
+
+    merlin-core imports TensorFlow when it is installed (dtype mappings, TF tensor columns), which
+    costs ~15 s on this machine and nothing in the ETL uses it. Only the CLI entry point calls this:
+    a process that also trains must not.
+    """
+    sys.modules.setdefault("tensorflow", None)
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, choices=DATASETS, help="which MovieLens (or the synthetic set)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
+    parser.add_argument("--raw", type=Path, help="raw folder or original zip (default: data/raw/<dataset>)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the target-encoding folds")
+    parser.add_argument("--valid-fraction", type=float, default=0.2, help="share of ratings in valid (default 0.2)")
+    parser.add_argument("--split", choices=SPLITS, default="random",
+                        help="random (seeded), temporal (per user, latest ratings are valid), official (ml-100k ua)")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="dataframe device")
+    cluster = parser.add_mutually_exclusive_group()
+    cluster.add_argument("--workers", type=int, help="run on a local Dask cluster with N worker processes")
+    cluster.add_argument("--dask-scheduler", metavar="ADDRESS", help="run on an existing Dask cluster")
+    parser.add_argument("--part-size", metavar="SIZE", help="in-memory partition size, e.g. 64MB (one parquet file each)")
+    synthetic = parser.add_argument_group("synthetic data size (--dataset synthetic; default: ML-1M's)")
+    synthetic.add_argument("--n-users", type=int)
+    synthetic.add_argument("--n-movies", type=int)
+    synthetic.add_argument("--n-ratings", type=int)
+    synthetic.add_argument("--data-seed", type=int, help="generator seed (default 0)")
+
+
+def main(args: argparse.Namespace) -> int:
+    _skip_tensorflow_import()
+    import pipeline  # noqa: F401  (dask configuration before nvtabular)
+
+    sizes = {k: getattr(args, k) for k in ("n_users", "n_movies", "n_ratings", "data_seed") if getattr(args, k) is not None}
+    summary = run_etl(
+        args.dataset,
+        args.out,
+        raw=args.raw,
+        seed=args.seed,
+        valid_fraction=args.valid_fraction,
+        split=args.split,
+        device=args.device,
+        workers=args.workers,
+        dask_scheduler=args.dask_scheduler,
+        part_size=args.part_size,
+        **sizes,
+    )
+    rows = summary["rows"]
+    print(f"wrote {args.out}: train {rows['train']:,} rows, valid {rows['valid']:,} rows, "
+          f"{len(summary['columns'])} columns; {summary['seconds']['total']:.1f} s "
+          f"({', '.join(f'{k} {v:.1f}' for k, v in summary['seconds'].items() if k != 'total')})")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - the CLI is `python -m pipeline etl`
+    raise SystemExit("run `python -m pipeline etl ...`")

@@ -1,0 +1,12 @@
+"""Our NVTabular operators. They are pickled by reference into saved workflows, so keep names stable.
+
+- ``KFoldTargetEncoding``: target encoding with deterministic out-of-fold values for training rows and
+  full-train statistics (no target column needed) for everything else.
+- ``FillUnknown``: puts a sentinel into the nulls an unseen user/movie leaves after ``JoinExternal``,
+  so ``Categorify`` maps them to the out-of-vocabulary row instead of failing.
+"""
+
+from pipeline.ops.fill_unknown import UNKNOWN, FillUnknown
+from pipeline.ops.target_encoding import KFoldTargetEncoding, out_of_fold
+
+__all__ = ["UNKNOWN", "FillUnknown", "KFoldTargetEncoding", "out_of_fold"]
