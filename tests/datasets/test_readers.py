@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import zipfile
 
 import numpy as np
 import pandas as pd
@@ -32,14 +31,6 @@ ML25M_RATINGS = (
     "3,209171,2.0,1439474476\n"
     "3,1,4.0,1439474000\n"
 )
-
-
-def zip_folder(folder, zip_path, top: str):
-    """Pack ``folder``'s files under ``top/`` as GroupLens does (ml-1m.zip holds ml-1m/ratings.dat, ...)."""
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        for path in sorted(folder.iterdir()):
-            z.write(path, f"{top}/{path.name}")
-    return zip_path
 
 
 def assert_same(a: RawMovieLens, b: RawMovieLens):
@@ -82,7 +73,7 @@ def test_ml1m_contract_dtypes(synthetic_raw):
     assert raw.ratings.iloc[0].tolist() == [int(first[0]), int(first[1]), float(first[2]), int(first[3])]
 
 
-def test_ml1m_from_zip_and_from_extracted_zip(synthetic_raw, tmp_path):
+def test_ml1m_from_zip_and_from_extracted_zip(synthetic_raw, tmp_path, zip_folder):
     folder = read_movielens("ml-1m", synthetic_raw)
     archive = zip_folder(synthetic_raw, tmp_path / "ml-1m.zip", "ml-1m")
     assert_same(folder, read_movielens("ml-1m", archive))
@@ -123,7 +114,7 @@ def test_ml100k_split_files(ml100k_raw):
         read_ml100k_split(ml100k_raw, "u9")
 
 
-def test_ml100k_from_zip(ml100k_raw, tmp_path):
+def test_ml100k_from_zip(ml100k_raw, tmp_path, zip_folder):
     archive = zip_folder(ml100k_raw, tmp_path / "ml-100k.zip", "ml-100k")
     a, b = read_movielens("ml-100k", ml100k_raw), read_movielens("ml-100k", archive)
     assert_same(a, b)
@@ -144,7 +135,7 @@ def test_ml25m_quoted_titles_half_stars_and_no_genres(ml25m_raw):
     assert raw.ratings["timestamp"].iloc[0] == 1147880044
 
 
-def test_ml25m_from_zip(ml25m_raw, tmp_path):
+def test_ml25m_from_zip(ml25m_raw, tmp_path, zip_folder):
     archive = zip_folder(ml25m_raw, tmp_path / "ml-25m.zip", "ml-25m")
     assert_same(read_movielens("ml-25m", ml25m_raw), read_movielens("ml-25m", archive))
 
