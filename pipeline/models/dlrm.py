@@ -1,0 +1,67 @@
+"""DLRM (Naumov et al. 2019) built entirely from a merlin Schema."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import keras
+from merlin.schema import Schema, Tags
+
+from pipeline.errors import DataError
+from pipeline.models.core import Filter, ParallelBlock
+from pipeline.models.features import ContinuousFeatures, EmbeddingFeatures
+from pipeline.models.interaction import DotProductInteractionBlock
+from pipeline.models.mlp import MLPBlock
+from pipeline.models.model import Model
+from pipeline.models.outputs import OutputBlock, outputs_from_schema
+
+
+def DLRMModel(
+    schema: Schema,
+    embedding_dim: int = 64,
+    bottom_block: keras.layers.Layer | None = None,
+    top_block: keras.layers.Layer | None = None,
+    prediction_tasks: OutputBlock | Sequence[OutputBlock] | None = None,
+    *,
+    embedding_dims: Mapping[str, int] | None = None,
+    combiner: str = "mean",
+) -> Model:
+    """DLRM on every input of ``schema``.
+
+    Categorical columns (list columns combined by ``combiner``) -> embeddings ``(batch, embedding_dim)``;
+    continuous columns -> ``bottom_block`` (its last width must be ``embedding_dim``); pairwise dot
+    products of all those vectors, concatenated with the bottom output -> ``top_block`` -> one head
+    per target (``prediction_tasks``, default: a head for every TARGET column of the schema).
+
+    Returns a compiled-ready ``Model``.
+    """
+    bottom_block = bottom_block if bottom_block is not None else MLPBlock([128, embedding_dim])
+    top_block = top_block if top_block is not None else MLPBlock([128, 64, 32])
+    if prediction_tasks is None:
+        heads = outputs_from_schema(schema)
+    elif isinstance(prediction_tasks, OutputBlock):
+        heads = [prediction_tasks]
+    else:
+        heads = list(prediction_tasks)
+
+    inputs = schema.excluding_by_tag(Tags.TARGET)
+    embeddings = EmbeddingFeatures.from_schema(inputs, embedding_dim, embedding_dims=embedding_dims, combiner=combiner)
+    dims = {spec["dim"] for spec in embeddings.tables_config.values()}
+    if len(dims) != 1:
+        raise ValueError(f"DLRM's dot products need one embedding width, got {sorted(dims)}")
+    branches = {"embeddings": embeddings}
+    has_continuous = bool(inputs.select_by_tag(Tags.CONTINUOUS).column_names)
+    if has_continuous:
+        bottom_width = getattr(bottom_block, "dimensions", [embedding_dim])[-1]
+        if bottom_width != embedding_dim:
+            raise ValueError(f"the bottom block must end at the embedding width {embedding_dim}, got {bottom_width}")
+        branches["continuous"] = ContinuousFeatures.from_schema(inputs).connect(bottom_block)
+    if len(embeddings.feature_names) + has_continuous < 2:
+        raise DataError(f"DLRM needs at least two input features (schema columns: {schema.column_names})")
+
+    interaction = ParallelBlock(branches, name="dlrm_inputs").connect_with_shortcut(
+        DotProductInteractionBlock(),
+        shortcut_filter=Filter("continuous") if has_continuous else Filter([]),
+        aggregation="concat",
+    )
+    return Model(interaction.connect(top_block), *heads, name="dlrm")

@@ -1,0 +1,236 @@
+"""Input blocks built from a merlin ``Schema``: embeddings for categorical columns, continuous columns.
+
+Everything is found by tags (CATEGORICAL, CONTINUOUS; TARGET columns are never inputs). Embedding
+tables have the schema's cardinality rows, which include Categorify's reserved rows (0 = padding,
+then null / out-of-vocabulary), so unseen ids at inference still have a row.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import keras
+from keras import ops
+from merlin.schema import Schema, Tags
+
+from pipeline.errors import DataError
+from pipeline.models.core import Block, ParallelBlock, register
+
+COMBINERS = ("mean", "sum")
+
+
+def cardinality(column) -> int:
+    """Rows of the embedding table for a categorical column: the schema's cardinality (reserved rows included)."""
+    sizes = column.properties.get("embedding_sizes") or {}
+    if sizes.get("cardinality"):
+        return int(sizes["cardinality"])
+    domain = column.int_domain
+    if domain is not None and domain.max is not None:
+        return int(domain.max) + 1
+    raise DataError(
+        f"schema column {column.name!r} is categorical but has no cardinality "
+        "(embedding_sizes.cardinality or int_domain.max); was it written by Categorify?"
+    )
+
+
+def default_dimension(column) -> int:
+    """The schema's suggested embedding width (NVTabular's embedding_sizes.dimension), else 64."""
+    sizes = column.properties.get("embedding_sizes") or {}
+    return int(sizes.get("dimension") or 64)
+
+
+def _input_columns(schema: Schema, tags) -> Schema:
+    return schema.select_by_tag(tags).excluding_by_tag(Tags.TARGET)
+
+
+@register
+class EmbeddingFeatures(Block):
+    """Embedding lookups for categorical features: ``{name: ids}`` -> ``{name: (batch, dim)}``.
+
+    Scalar features arrive as ``(batch, 1)`` ids; list features (e.g. genres) as ``(batch, max_len)``
+    ids padded with 0, combined over their non-padding entries with ``combiner`` ("mean" or "sum").
+
+    Args:
+        tables: feature name -> ``{"cardinality": int, "dim": int, "is_list": bool}``.
+        combiner: how list features are reduced to one vector.
+    """
+
+    def __init__(self, tables: Mapping[str, Mapping], combiner: str = "mean", **kwargs):
+        super().__init__(**kwargs)
+        if combiner not in COMBINERS:
+            raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
+        self.tables_config = {name: dict(spec) for name, spec in tables.items()}
+        self.combiner = combiner
+        self.feature_names = list(self.tables_config)
+        self.embeddings = {
+            name: keras.layers.Embedding(
+                int(spec["cardinality"]),
+                int(spec["dim"]),
+                embeddings_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
+                name=f"embedding_{name}",
+            )
+            for name, spec in self.tables_config.items()
+        }
+
+    @classmethod
+    def from_schema(
+        cls,
+        schema: Schema,
+        embedding_dim: int | None = 64,
+        *,
+        embedding_dims: Mapping[str, int] | None = None,
+        tags=Tags.CATEGORICAL,
+        combiner: str = "mean",
+        include_lists: bool = True,
+        **kwargs,
+    ) -> "EmbeddingFeatures":
+        """One table per categorical (non-target) column of ``schema``.
+
+        ``embedding_dim``: one width for all tables (DLRM needs equal widths); ``None`` takes each
+        column's ``embedding_sizes.dimension`` from the schema. ``embedding_dims`` overrides per feature.
+        """
+        columns = _input_columns(schema, tags)
+        tables = {}
+        for col in columns:
+            if col.is_list and not include_lists:
+                continue
+            dim = (embedding_dims or {}).get(col.name) or embedding_dim or default_dimension(col)
+            tables[col.name] = {"cardinality": cardinality(col), "dim": int(dim), "is_list": bool(col.is_list)}
+        if not tables:
+            raise DataError(f"the schema has no categorical input columns (columns: {schema.column_names})")
+        return cls(tables, combiner=combiner, **kwargs)
+
+    def lookup(self, name: str, ids):
+        """Embeddings of ``ids`` for feature ``name``: ``(batch, 1)`` -> ``(batch, dim)``; lists combined."""
+        ids = ops.cast(ids, "int32")
+        if not self.tables_config[name].get("is_list"):
+            return self.embeddings[name](ops.reshape(ids, (-1,)))
+        vectors = self.embeddings[name](ids)  # (batch, max_len, dim)
+        mask = ops.cast(ops.not_equal(ids, 0), vectors.dtype)[..., None]
+        summed = ops.sum(vectors * mask, axis=1)
+        if self.combiner == "sum":
+            return summed
+        return summed / ops.maximum(ops.sum(mask, axis=1), 1.0)
+
+    def call(self, inputs):
+        return {name: self.lookup(name, inputs[name]) for name in self.feature_names}
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "tables": self.tables_config, "combiner": self.combiner}
+
+
+@register
+class SequenceEmbeddingFeatures(Block):
+    """Embeddings of list features (e.g. genres): ``{name: (batch, max_len)}`` ids padded with 0.
+
+    With ``combiner=None`` each output is the sequence ``(batch, max_len, dim)`` (padding rows are
+    zero vectors); with "mean" / "sum" it is reduced over the non-padding entries to ``(batch, dim)``.
+    """
+
+    def __init__(self, tables: Mapping[str, Mapping], combiner: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if combiner is not None and combiner not in COMBINERS:
+            raise ValueError(f"combiner must be None or one of {COMBINERS}, got {combiner!r}")
+        self.tables_config = {name: {**dict(spec), "is_list": True} for name, spec in tables.items()}
+        self.combiner = combiner
+        self.feature_names = list(self.tables_config)
+        self.embeddings = {
+            name: keras.layers.Embedding(
+                int(spec["cardinality"]),
+                int(spec["dim"]),
+                embeddings_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
+                name=f"embedding_{name}",
+            )
+            for name, spec in self.tables_config.items()
+        }
+
+    @classmethod
+    def from_schema(
+        cls,
+        schema: Schema,
+        embedding_dim: int | None = 64,
+        *,
+        embedding_dims: Mapping[str, int] | None = None,
+        tags=Tags.CATEGORICAL,
+        combiner: str | None = None,
+        **kwargs,
+    ) -> "SequenceEmbeddingFeatures":
+        """One table per list-valued categorical (non-target) column of ``schema``."""
+        tables = {}
+        for col in _input_columns(schema, tags):
+            if col.is_list:
+                dim = (embedding_dims or {}).get(col.name) or embedding_dim or default_dimension(col)
+                tables[col.name] = {"cardinality": cardinality(col), "dim": int(dim)}
+        if not tables:
+            raise DataError(f"the schema has no list-valued categorical columns (columns: {schema.column_names})")
+        return cls(tables, combiner=combiner, **kwargs)
+
+    def call(self, inputs):
+        out = {}
+        for name in self.feature_names:
+            ids = ops.cast(inputs[name], "int32")
+            mask = ops.cast(ops.not_equal(ids, 0), "float32")[..., None]
+            vectors = self.embeddings[name](ids) * mask
+            if self.combiner is None:
+                out[name] = vectors
+            elif self.combiner == "sum":
+                out[name] = ops.sum(vectors, axis=1)
+            else:
+                out[name] = ops.sum(vectors, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1.0)
+        return out
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "tables": self.tables_config, "combiner": self.combiner}
+
+
+@register
+class ContinuousFeatures(Block):
+    """Continuous features as float32 ``{name: (batch, 1)}``."""
+
+    def __init__(self, features: Iterable[str], **kwargs):
+        super().__init__(**kwargs)
+        self.feature_names = list(features)
+
+    @classmethod
+    def from_schema(cls, schema: Schema, tags=Tags.CONTINUOUS, **kwargs) -> "ContinuousFeatures":
+        """The (non-target) columns of ``schema`` carrying ``tags``."""
+        names = _input_columns(schema, tags).column_names
+        if not names:
+            raise DataError(f"the schema has no continuous input columns (columns: {schema.column_names})")
+        return cls(names, **kwargs)
+
+    def call(self, inputs):
+        return {name: ops.reshape(ops.cast(inputs[name], "float32"), (-1, 1)) for name in self.feature_names}
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "features": self.feature_names}
+
+
+def InputBlock(
+    schema: Schema,
+    embedding_dim: int | None = 64,
+    *,
+    embedding_dims: Mapping[str, int] | None = None,
+    combiner: str = "mean",
+    continuous_block: keras.layers.Layer | None = None,
+    aggregation=None,
+    **kwargs,
+) -> ParallelBlock:
+    """Every input of ``schema``: embeddings of categorical columns plus continuous columns.
+
+    Returns a ``ParallelBlock`` whose output is ``{feature: tensor}`` (embeddings ``(batch, dim)``,
+    continuous ``(batch, 1)``), or, if ``continuous_block`` is given (e.g. ``MLPBlock([64])``), the
+    continuous features passed through it under the key ``"continuous"``. ``aggregation`` (e.g.
+    "concat") turns the dict into one tensor.
+    """
+    branches: dict[str, keras.layers.Layer] = {}
+    if _input_columns(schema, Tags.CATEGORICAL):
+        branches["categorical"] = EmbeddingFeatures.from_schema(
+            schema, embedding_dim, embedding_dims=embedding_dims, combiner=combiner
+        )
+    if _input_columns(schema, Tags.CONTINUOUS):
+        continuous = ContinuousFeatures.from_schema(schema)
+        branches["continuous"] = continuous.connect(continuous_block) if continuous_block is not None else continuous
+    if not branches:
+        raise DataError(f"the schema has no input features (columns: {schema.column_names})")
+    return ParallelBlock(branches, aggregation=aggregation, **kwargs)

@@ -1,0 +1,62 @@
+"""Feature-interaction blocks, on the Keras team's own recsys layers (keras_rs)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import keras
+import keras_rs
+from keras import ops
+
+from pipeline.models.aggregations import ConcatFeatures
+from pipeline.models.core import Block, register
+
+
+@register
+class DotProductInteractionBlock(Block):
+    """DLRM's pairwise dot products: ``{name: (batch, d)}`` (n features) -> ``(batch, n*(n-1)/2)``.
+
+    Features are taken in sorted key order; all must have the same width ``d``. A stacked tensor
+    ``(batch, n, d)`` is accepted too.
+    """
+
+    def __init__(self, self_interaction: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.self_interaction = self_interaction
+        self.interaction = keras_rs.layers.DotInteraction(self_interaction=self_interaction)
+
+    def call(self, inputs):
+        if isinstance(inputs, Mapping):
+            features = [ops.cast(inputs[k], "float32") for k in sorted(inputs)]
+        else:
+            features = [inputs[:, i, :] for i in range(inputs.shape[1])]
+        return self.interaction(features)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "self_interaction": self.self_interaction}
+
+
+@register
+class CrossBlock(Block):
+    """DCN-v2's cross network: ``depth`` FeatureCross layers over the concatenated input.
+
+    ``(batch, d)`` (or a dict, concatenated) -> ``(batch, d)``; ``x_{l+1} = x0 * W x_l + b + x_l``.
+    ``projection_dim`` makes ``W`` low-rank.
+    """
+
+    def __init__(self, depth: int = 3, projection_dim: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.depth = int(depth)
+        self.projection_dim = projection_dim
+        self.concat = ConcatFeatures()
+        self.crosses = [keras_rs.layers.FeatureCross(projection_dim=projection_dim) for _ in range(self.depth)]
+
+    def call(self, inputs):
+        x0 = self.concat(inputs) if isinstance(inputs, Mapping) else inputs
+        x = x0
+        for cross in self.crosses:
+            x = cross(x0, x)
+        return x
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "depth": self.depth, "projection_dim": self.projection_dim}

@@ -1,0 +1,216 @@
+"""``Model(block, *outputs)``: a Keras model whose fit / evaluate / predict take a merlin Dataset.
+
+As in Merlin Models, ``model.fit(train, batch_size=1024)`` streams ``train`` (a
+``merlin.io.Dataset`` over parquet) through ``pipeline.loader.Loader``; a ``Loader`` or any input
+Keras accepts works too. One output returns ``(batch, units)``; several (multi-task) return
+``{target: (batch, units)}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import keras
+import numpy as np
+from merlin.io import Dataset
+from merlin.schema import Schema
+
+from pipeline.errors import DataError
+from pipeline.loader import Loader
+from pipeline.models.core import deserialize, register, serialize
+from pipeline.models.features import ContinuousFeatures, EmbeddingFeatures, SequenceEmbeddingFeatures
+from pipeline.models.outputs import OutputBlock
+
+logger = logging.getLogger(__name__)
+
+
+@register
+class Model(keras.Model):
+    """``block`` (inputs -> hidden ``(batch, d)``) followed by one head per target.
+
+    Args:
+        block: the body, e.g. an ``InputBlock`` connected to an ``MLPBlock``.
+        *outputs: ``BinaryOutput``, ``RegressionOutput``, ``CategoricalOutput`` heads.
+    """
+
+    def __init__(self, block: keras.layers.Layer, *outputs: OutputBlock, **kwargs):
+        super().__init__(**kwargs)
+        if not outputs:
+            raise ValueError("Model needs at least one output head, e.g. BinaryOutput('rating_binary')")
+        targets = [o.target for o in outputs]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"two output heads predict the same target: {targets}")
+        self.block = block
+        self.heads = list(outputs)
+        self._input_spec_record: dict[str, tuple[list, str]] | None = None
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def target_names(self) -> list[str]:
+        return [head.target for head in self.heads]
+
+    def input_feature_names(self) -> list[str]:
+        """The raw feature columns the model reads (from its embedding and continuous blocks)."""
+        names: list[str] = []
+        for layer in self._flatten_layers(include_self=False, recursive=True):
+            for name in getattr(layer, "feature_names", ()):
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def call(self, inputs, training=None):
+        if self._input_spec_record is None and isinstance(inputs, Mapping):
+            self._input_spec_record = {
+                name: ([None, *[int(d) for d in tensor.shape[1:]]], keras.backend.standardize_dtype(tensor.dtype))
+                for name, tensor in inputs.items()
+            }
+        hidden = self.block(inputs, training=training)
+        predictions = {head.target: head(hidden) for head in self.heads}
+        if len(self.heads) == 1:
+            return predictions[self.heads[0].target]
+        return predictions
+
+    def input_signature(self):
+        """``{name: tf.TensorSpec}`` of the batches the model was built on (for ``model.export``)."""
+        import tensorflow as tf
+
+        if not self._input_spec_record:
+            raise ValueError("the model has not been called on data yet")
+        return {
+            name: tf.TensorSpec(shape, dtype=dtype, name=name)
+            for name, (shape, dtype) in self._input_spec_record.items()
+            if name in self.input_feature_names()
+        }
+
+    def get_build_config(self) -> dict:
+        return {"input_spec": self._input_spec_record}
+
+    def build_from_config(self, config: dict) -> None:
+        # Layers inside blocks create their weights when first called: run a one-row dummy batch.
+        spec = config.get("input_spec")
+        if not spec:
+            return
+        dummy = {
+            name: np.zeros([1 if d is None else d for d in shape], dtype=dtype) for name, (shape, dtype) in spec.items()
+        }
+        self(dummy)
+
+    def get_config(self) -> dict:
+        return {
+            "name": self.name,
+            "block": serialize(self.block),
+            "outputs": [serialize(head) for head in self.heads],
+        }
+
+    @classmethod
+    def from_config(cls, config: dict):
+        config = dict(config)
+        block = deserialize(config.pop("block"))
+        outputs = [deserialize(c) for c in config.pop("outputs")]
+        return cls(block, *outputs, **config)
+
+    # ----------------------------------------------------------------- training
+    def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
+        """Keras ``compile`` with each head's loss (and metrics: AUC, logloss, accuracy for binary
+        heads, RMSE for regression) as defaults."""
+        single = len(self.heads) == 1
+        if loss is None:
+            loss = self.heads[0].default_loss() if single else {h.target: h.default_loss() for h in self.heads}
+        if metrics is None:
+            metrics = self.heads[0].default_metrics() if single else {h.target: h.default_metrics() for h in self.heads}
+        elif not single and isinstance(metrics, (list, tuple)):
+            # Keras wants per-output metrics for dict outputs: give every head its own copies.
+            metrics = {h.target: [keras.metrics.get(keras.metrics.serialize(m)) if not isinstance(m, str) else m for m in metrics] for h in self.heads}
+        return super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def check_schema(self, schema: Schema) -> None:
+        """Raise ``DataError`` if ``schema`` lacks a feature or target the model reads, or has the wrong kind."""
+        missing = [n for n in [*self.input_feature_names(), *self.target_names] if n not in schema.column_names]
+        if missing:
+            raise DataError(f"the data has no column(s) {missing} that the model reads (it has {schema.column_names})")
+        for layer in self._flatten_layers(include_self=False, recursive=True):
+            if isinstance(layer, (EmbeddingFeatures, SequenceEmbeddingFeatures)):
+                for name in layer.feature_names:
+                    col = schema[name]
+                    if col.dtype.element_type.value != "int":
+                        raise DataError(f"column {name!r} feeds an embedding table but has dtype {col.dtype.name}, not an integer id")
+                    if bool(layer.tables_config[name].get("is_list")) != bool(col.is_list):
+                        kind = "a list" if col.is_list else "a scalar"
+                        raise DataError(f"column {name!r} is {kind} column in the data, but the model expects otherwise")
+            elif isinstance(layer, ContinuousFeatures):
+                for name in layer.feature_names:
+                    col = schema[name]
+                    if col.dtype.element_type.value not in ("float", "int") or col.is_list:
+                        raise DataError(f"column {name!r} is continuous for the model but has dtype {col.dtype.name}")
+        for name in self.target_names:
+            if schema[name].dtype.element_type.value not in ("float", "int"):
+                raise DataError(f"target {name!r} has dtype {schema[name].dtype.name}, not numeric")
+
+    def make_loader(self, dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                    include_targets: bool = True, **kwargs) -> Loader:
+        """A ``Loader`` over ``dataset`` that yields exactly the columns this model reads."""
+        if batch_size is None:
+            raise ValueError("batch_size is required when passing a merlin Dataset")
+        self.check_schema(dataset.schema if include_targets else _with_targets(dataset.schema, self.target_names))
+        return Loader(
+            dataset,
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            features=self.input_feature_names() or None,
+            targets=self.target_names if include_targets else [],
+            include_targets=include_targets,
+            **kwargs,
+        )
+
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, *, shuffle=True, seed: int = 0,
+            validation_data=None, validation_batch_size=None, **kwargs):
+        """Keras ``fit``; ``x`` may be a ``merlin.io.Dataset`` (streamed in ``batch_size`` batches,
+        reshuffled every epoch from ``seed``) and so may ``validation_data``."""
+        if isinstance(x, Dataset):
+            x = self.make_loader(x, batch_size, shuffle=shuffle, seed=seed)
+        if isinstance(validation_data, Dataset):
+            validation_data = self.make_loader(validation_data, validation_batch_size or batch_size or 1024)
+        if isinstance(x, keras.utils.PyDataset):
+            # The loader shuffles itself (Keras would shuffle batch indices, which a streaming loader
+            # cannot serve) and fixes the batch size.
+            batch_size, shuffle = None, False
+        return super().fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=shuffle,
+                           validation_data=validation_data, **kwargs)
+
+    def evaluate(self, x=None, y=None, batch_size=None, **kwargs):
+        """Keras ``evaluate``; ``x`` may be a ``merlin.io.Dataset``."""
+        if isinstance(x, Dataset):
+            x = self.make_loader(x, batch_size)
+        if isinstance(x, keras.utils.PyDataset):
+            batch_size = None
+        return super().evaluate(x, y, batch_size=batch_size, **kwargs)
+
+    def predict(self, x, batch_size=None, **kwargs):
+        """Keras ``predict``; ``x`` may be a ``merlin.io.Dataset`` (targets not needed). Rows come back
+        in dataset order."""
+        if isinstance(x, Dataset):
+            x = self.make_loader(x, batch_size, include_targets=False)
+        if isinstance(x, keras.utils.PyDataset):
+            batch_size = None
+        return super().predict(x, batch_size=batch_size, **kwargs)
+
+
+def _with_targets(schema: Schema, targets: list[str]) -> Schema:
+    # For predict, targets may be absent from the data: check features only.
+    from merlin.schema import ColumnSchema
+
+    present = set(schema.column_names)
+    extra = [ColumnSchema(t, dtype="float32") for t in targets if t not in present]
+    return schema + Schema(extra) if extra else schema
+
+
+def sample_batch(dataset: Dataset, batch_size: int, shuffle: bool = False, include_targets: bool = True, seed: int = 0):
+    """The first batch of ``dataset``: ``(features, targets)`` (or ``features`` without targets),
+    features as ``{name: (batch_size, 1)}`` / ``(batch_size, max_len)`` for list columns."""
+    loader = Loader(dataset, batch_size, shuffle=shuffle, seed=seed, include_targets=include_targets)
+    try:
+        return loader[0]
+    finally:
+        loader.stop()
