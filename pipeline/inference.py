@@ -1,0 +1,690 @@
+"""Scoring raw ``(userId, movieId)`` rows through the saved NVTabular workflow and the saved model.
+
+``Predictor.load(etl_dir, model_dir)`` loads both artifacts once, after checking their recorded
+checksums (loading a workflow runs pickle, so only files whose sha256 matches the manifest written
+at ETL / train time are loaded). From the saved workflow it derives a *serving graph*: a copy of the
+graph without the branches that compute targets, so requests need no ``rating`` column; the saved
+workflow object itself is never modified. The side tables joined by the workflow (users, movies)
+travel inside it. Each request frame is transformed in-process by merlin's ``LocalExecutor``
+(no Dask graph per request), formatted exactly as ``pipeline.loader.Loader`` formats training
+batches, and fed to the model.
+
+Unseen users or movies go through the same graph and land on Categorify's out-of-vocabulary rows.
+The model's recorded schema fingerprint must match the serving graph's output schema, else
+``ArtifactError``.
+
+The ``predict`` CLI stage streams a csv / parquet file of raw rows through the predictor in batches
+and writes ``input columns + score`` as parquet, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import ArtifactError, DataError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+REQUEST_DTYPE = np.int64
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums: a manifest of sha256 per file, written by ETL (workflow/) and train (model dir).
+# --------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest_files(directory: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
+
+
+def write_manifest(directory: str | Path) -> Path:
+    """Record the sha256 of every file under ``directory`` in ``directory/manifest.json``.
+
+    Called by the ETL stage on its ``workflow/`` folder and by the train stage on the model folder,
+    as the last step before the output is renamed into place. Returns the manifest's path.
+    """
+    directory = Path(directory)
+    files = {p.relative_to(directory).as_posix(): _sha256(p) for p in _manifest_files(directory)}
+    manifest = {"algorithm": "sha256", "files": files}
+    path = directory / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return path
+
+
+def verify_manifest(directory: str | Path, required: tuple[str, ...] = ()) -> dict[str, str]:
+    """Check every file listed in ``directory/manifest.json`` against its recorded sha256.
+
+    ``required`` names files (relative to ``directory``) that must be listed. Raises
+    ``ArtifactError`` naming the first missing, unlisted or modified file; returns the manifest's
+    ``{file: sha256}``.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(
+            f"{path} is missing: refusing to load unverified artifacts from {directory} (loading runs pickle). "
+            "Re-run the stage that wrote it, or record checksums of files you trust with "
+            f"`python -c \"from pipeline.inference import write_manifest; write_manifest('{directory}')\"`"
+        )
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ArtifactError(f"{path} is not a valid manifest ({err})") from err
+    for name in required:
+        if name not in files:
+            raise ArtifactError(f"{path} does not list {name}: refusing to load it unverified")
+    for name, expected in files.items():
+        file = directory / name
+        if not file.is_file():
+            raise ArtifactError(f"{file} is listed in {path} but missing")
+        if _sha256(file) != expected:
+            raise ArtifactError(f"{file} does not match its checksum in {path}: it changed after it was written")
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# The serving graph
+# --------------------------------------------------------------------------------------------
+
+
+def serving_workflow(workflow, targets: list[str]):
+    """A copy of ``workflow`` that computes every non-target output from request columns alone.
+
+    ``targets`` are the output columns tagged TARGET. The raw inputs they come from (e.g. ``rating``)
+    are removed from a deep copy of the graph with NVTabular's ``remove_inputs``, which also drops
+    the target branches and target dependencies (the target encoding reads its target only while
+    fitting). The copy matters: ``remove_inputs`` mutates nodes in place, and the loaded workflow
+    must stay exactly as saved. Raises ``ArtifactError`` if a feature still needs a target.
+    Returns an ``nvt.Workflow`` with its schemas computed.
+    """
+    import nvtabular as nvt
+
+    mapping = workflow.graph.column_mapping
+    features = [c for c in workflow.output_schema.column_names if c not in targets]
+    feature_sources = {src for c in features for src in mapping.get(c, [c])}
+    raw_targets = sorted({src for t in targets for src in mapping.get(t, [t])} - feature_sources)
+    serving = copy.deepcopy(workflow)
+    if raw_targets:
+        serving.remove_inputs(raw_targets)
+    still_needed = sorted(set(serving._input_columns()) & set(raw_targets))
+    if still_needed:
+        raise ArtifactError(
+            f"the saved workflow needs target column(s) {still_needed} to compute its features: "
+            "it cannot serve requests that carry no target"
+        )
+    produced = serving.output_schema.column_names
+    lost = [c for c in features if c not in produced]
+    if lost:
+        raise ArtifactError(f"removing the target inputs {raw_targets} from the workflow also removed features {lost}")
+    request_columns = serving._input_columns()
+    serving = nvt.Workflow(serving.output_node)
+    serving.fit_schema(workflow.input_schema.select_by_name(request_columns))
+    return serving
+
+
+class SharedNodeExecutor:
+    """merlin's ``LocalExecutor`` that runs each graph node once per ``transform`` call.
+
+    ``LocalExecutor`` re-executes a node's whole upstream graph for every child that reads it: in
+    the MovieLens workflow the joins and the 8-column ``Categorify`` feed five branches
+    (``categorical["userId"]``, ...), so they ran five times per request (~200 ms for one row).
+    Here each node's output is computed once and shared (as a shallow copy, so a child that assigns
+    columns cannot change what its siblings see); the operators and their order are unchanged.
+    """
+
+    def __init__(self):
+        from merlin.dag.executors import LocalExecutor
+
+        outer = self
+
+        class _Executor(LocalExecutor):
+            def _execute_node(self, node, transformable, capture_dtypes=False, strict=False):
+                memo = outer._local.memo
+                key = id(node)
+                if key not in memo:
+                    memo[key] = super()._execute_node(node, transformable, capture_dtypes, strict)
+                out = memo[key]
+                return out.copy(deep=False) if hasattr(out, "copy") else out
+
+        self._executor = _Executor()
+        self._local = threading.local()
+
+    def transform(self, df: pd.DataFrame, node) -> pd.DataFrame:
+        """``df`` through the graph ending at ``node``; one row out per row in, same order."""
+        self._local.memo = {}
+        try:
+            return self._executor.transform(df, node)
+        finally:
+            self._local.memo = {}
+
+
+def _read_schema(path: Path):
+    from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
+
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing (the schema the model was trained on)")
+    return TensorflowMetadata.from_proto_text_file(str(path.parent), file_name=path.name).to_merlin_schema()
+
+
+def _pad_lists(column: pd.Series, width: int, dtype) -> np.ndarray:
+    """A list column as a ``(rows, width)`` array, padded with ``PAD_ID`` and cut at ``width``.
+
+    The same layout ``pipeline.loader.Loader`` builds from ``__values`` / ``__offsets``.
+    """
+    from pipeline.loader import PAD_ID
+
+    lengths = np.fromiter((len(v) for v in column), dtype=np.int64, count=len(column))
+    out = np.full((len(column), width), PAD_ID, dtype=dtype)
+    if lengths.sum():
+        values = np.concatenate([np.asarray(v, dtype=dtype) for v in column if len(v)])
+        rows = np.repeat(np.arange(len(column)), lengths)
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        cols = np.arange(len(values)) - starts
+        inside = cols < width
+        out[rows[inside], cols[inside]] = values[inside]
+    return out
+
+
+@dataclass
+class _ModelInput:
+    name: str
+    dtype: np.dtype
+    width: int | None  # list columns: fixed width; scalars: None
+
+
+# --------------------------------------------------------------------------------------------
+# Predictor
+# --------------------------------------------------------------------------------------------
+
+
+class Predictor:
+    """Scores raw ``(userId, movieId)`` rows with a saved workflow + model pair.
+
+    Build it with ``Predictor.load(etl_dir, model_dir)``. ``predict(df)`` returns one float32
+    score (P(rating > 3) for the default binary target) per row of ``df``, in order;
+    ``recommend(user_id, k)`` ranks every known movie for one user.
+    Thread-safe: calls are serialised by a lock (the HTTP service batches concurrent requests
+    before they reach the predictor).
+    """
+
+    def __init__(self, *, workflow, serving, model, inputs: list[_ModelInput], target: str,
+                 etl_dir: Path, model_dir: Path, metadata: dict[str, Any]):
+        self.workflow = workflow
+        self.serving = serving
+        self.model = model
+        self.inputs = inputs
+        self.target = target
+        self.etl_dir = etl_dir
+        self.model_dir = model_dir
+        self.metadata = metadata
+        self.request_columns: list[str] = list(serving.input_schema.column_names)
+        self._executor = SharedNodeExecutor()
+        self._lock = threading.RLock()
+        self._candidates: np.ndarray | None = None
+        self._rated: dict[int, np.ndarray] | None = None
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, etl_dir: str | Path, model_dir: str | Path) -> "Predictor":
+        """Verify checksums, load ``etl_dir/workflow`` and ``model_dir/model.keras``, check they match."""
+        import pipeline  # noqa: F401  (dask settings before nvtabular)
+        import keras
+        import nvtabular as nvt
+        from merlin.schema import Tags
+
+        etl_dir, model_dir = Path(etl_dir), Path(model_dir)
+        workflow_dir, model_file = etl_dir / "workflow", model_dir / "model.keras"
+        for path in (workflow_dir, model_file):
+            if not path.exists():
+                raise ArtifactError(f"{path} is missing")
+        verify_manifest(workflow_dir, required=("workflow.pkl",))
+        verify_manifest(model_dir, required=("model.keras",))
+
+        workflow = nvt.Workflow.load(str(workflow_dir))
+        targets = workflow.output_schema.select_by_tag(Tags.TARGET).column_names
+        serving = serving_workflow(workflow, targets)
+
+        trained_schema = _read_schema(model_dir / "schema.pbtxt")
+        config = _read_json(model_dir / "config.json")
+        _check_schema(serving.output_schema, trained_schema, config, model_dir)
+
+        try:
+            model = keras.saving.load_model(str(model_file))
+        except Exception as err:  # keras raises many types for a bad file
+            raise ArtifactError(f"cannot load the model {model_file}: {err}") from err
+
+        features = trained_schema.excluding_by_tag(Tags.TARGET)
+        list_names = [c.name for c in features if c.is_list]
+        widths = _list_widths(etl_dir, list_names) if list_names else {}
+        inputs = [
+            _ModelInput(c.name, np.dtype(c.dtype.to_numpy), widths.get(c.name)) for c in features
+        ]
+        target_schema = trained_schema.select_by_tag(Tags.TARGET)
+        binary = target_schema.select_by_tag(Tags.BINARY_CLASSIFICATION).column_names
+        target = (binary or target_schema.column_names or ["score"])[0]
+
+        metadata = {
+            "model": {"dir": str(model_dir), "file": "model.keras", "name": getattr(model, "name", None),
+                      "config": config, "metrics": _read_json(model_dir / "metrics.json")},
+            "workflow": {"dir": str(workflow_dir), "request_columns": list(serving.input_schema.column_names),
+                         "targets_removed": targets, **_read_json(workflow_dir / "metadata.json")},
+            "schema": {c.name: {"dtype": str(c.dtype.to_numpy), "tags": sorted(str(t.value) for t in c.tags),
+                                "is_list": c.is_list} for c in features},
+            "target": target,
+            "versions": _versions(),
+        }
+        logger.info("loaded workflow %s and model %s (%d features, target %s)",
+                    workflow_dir, model_file, len(inputs), target)
+        return cls(workflow=workflow, serving=serving, model=model, inputs=inputs, target=target,
+                   etl_dir=etl_dir, model_dir=model_dir, metadata=metadata)
+
+    # ---- request validation ---------------------------------------------------------------
+
+    def validate(self, df: pd.DataFrame) -> pd.DataFrame:
+        """``df`` restricted to the request columns as int64; ``DataError`` naming a missing, extra or bad field."""
+        if not isinstance(df, pd.DataFrame):
+            raise DataError(f"expected a pandas DataFrame of {self.request_columns}, got {type(df).__name__}")
+        missing = [c for c in self.request_columns if c not in df.columns]
+        if missing:
+            raise DataError(f"missing field(s) {missing}: a request needs {self.request_columns}")
+        extra = [c for c in df.columns if c not in self.request_columns]
+        if extra:
+            raise DataError(f"unexpected field(s) {extra}: a request has exactly {self.request_columns}")
+        out = {}
+        for name in self.request_columns:
+            col = df[name]
+            integer = pd.api.types.is_integer_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype)
+            if not integer:
+                # object columns of python ints (e.g. from JSON) are fine; anything else names its row
+                bad = _first_non_integer(col)
+                if bad is not None or col.dtype != object:
+                    where = f" (row {bad[0]}: {bad[1]!r})" if bad else ""
+                    raise DataError(f"field {name!r} must hold integer ids, got dtype {col.dtype}{where}")
+            if integer and col.hasnans:
+                raise DataError(f"field {name!r} has a missing value at row {int(np.flatnonzero(col.isna())[0])}")
+            out[name] = col.to_numpy(dtype=REQUEST_DTYPE)
+        return pd.DataFrame(out)
+
+    # ---- scoring --------------------------------------------------------------------------
+
+    def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Raw request rows -> the serving graph's output columns (one row per input row, same order)."""
+        df = self.validate(df)
+        if not len(df):
+            return pd.DataFrame({i.name: pd.Series([], dtype=i.dtype) for i in self.inputs})
+        with self._lock:
+            out = self._executor.transform(df, self.serving.output_node)
+        if len(out) != len(df):
+            raise ArtifactError(f"the serving workflow returned {len(out)} rows for {len(df)} request rows")
+        return out
+
+    def model_inputs(self, transformed: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Transformed rows -> the model's input arrays: ``(rows, 1)``, or ``(rows, width)`` for lists."""
+        arrays = {}
+        for spec in self.inputs:
+            if spec.name not in transformed.columns:
+                raise ArtifactError(f"the serving workflow does not produce model input {spec.name!r}")
+            column = transformed[spec.name]
+            if spec.width is not None:
+                arrays[spec.name] = _pad_lists(column, spec.width, spec.dtype)
+            else:
+                arrays[spec.name] = column.to_numpy(dtype=spec.dtype).reshape(-1, 1)
+        return arrays
+
+    def score_inputs(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Model inputs -> float32 scores of shape ``(rows,)``."""
+        with self._lock:
+            out = self.model(arrays, training=False)
+        if isinstance(out, dict):
+            out = out[self.target] if self.target in out else next(iter(out.values()))
+        elif isinstance(out, (list, tuple)):
+            out = out[0]
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+    def predict(self, df: pd.DataFrame) -> np.ndarray:
+        """Scores for raw rows ``df`` (columns exactly ``request_columns``): float32, shape ``(len(df),)``."""
+        transformed = self.transform(df)
+        if not len(transformed):
+            return np.zeros(0, dtype=np.float32)
+        return self.score_inputs(self.model_inputs(transformed))
+
+    # ---- recommendation -------------------------------------------------------------------
+
+    @property
+    def candidate_items(self) -> np.ndarray:
+        """Every movieId the workflow knows (its movies side table, else Categorify's vocabulary), sorted."""
+        if self._candidates is None:
+            self._candidates = _known_ids(self.workflow, "movieId")
+        return self._candidates
+
+    def recommend(self, user_id: int, k: int = 10, exclude_rated: bool = False) -> list[tuple[int, float]]:
+        """Top ``k`` ``(movieId, score)`` for ``user_id`` over every known movie, scored in one batch.
+
+        ``exclude_rated`` drops the movies the user rated in the training split. Ties are broken
+        by movieId, so the answer is deterministic.
+        """
+        items = self.candidate_items
+        frame = pd.DataFrame({"userId": np.full(len(items), user_id, dtype=REQUEST_DTYPE), "movieId": items})
+        transformed = self.transform(frame)
+        scores = self.score_inputs(self.model_inputs(transformed))
+        if exclude_rated:
+            rated = self.rated_codes(int(transformed["userId"].iloc[0]))
+            if len(rated):
+                scores = np.where(np.isin(transformed["movieId"].to_numpy(), rated), -np.inf, scores)
+        k = max(0, min(int(k), int(np.isfinite(scores).sum())))
+        top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
+        top = top[np.lexsort((items[top], -scores[top]))]
+        return [(int(items[i]), float(scores[i])) for i in top]
+
+    def rated_codes(self, encoded_user: int) -> np.ndarray:
+        """Encoded movieIds the (encoded) user rated in the processed training split; empty if none."""
+        if self._rated is None:
+            with self._lock:
+                if self._rated is None:
+                    self._rated = _rated_by_user(self.etl_dir / "train")
+        return self._rated.get(encoded_user, np.zeros(0, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err})") from err
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("movielens-pipeline", "nvtabular", "merlin-core", "tensorflow-cpu", "keras", "pandas", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _schema_summary(schema) -> dict[str, tuple]:
+    """What must agree between the workflow's output and the model's training schema."""
+    out = {}
+    for col in schema:
+        sizes = col.properties.get("embedding_sizes") or {}
+        out[col.name] = (str(col.dtype.to_numpy), col.is_list, sizes.get("cardinality"))
+    return out
+
+
+def _check_schema(serving_schema, trained_schema, config: dict, model_dir: Path) -> None:
+    """``ArtifactError`` unless the serving graph produces every model feature as the model saw it."""
+    from merlin.schema import Tags
+
+    recorded = _recorded_fingerprint(config)
+    if recorded is not None:
+        fingerprint = _fingerprint_function()
+        actual = fingerprint(serving_schema.select_by_name(
+            [c for c in trained_schema.column_names if c in serving_schema.column_names]
+        ).excluding_by_tag(Tags.TARGET)) if fingerprint else None
+        if fingerprint is not None and actual != recorded:
+            raise ArtifactError(
+                f"the workflow's output schema (fingerprint {actual}) is not the schema the model in {model_dir} "
+                f"was trained on (fingerprint {recorded}): the workflow and model do not belong together"
+            )
+    features = trained_schema.excluding_by_tag(Tags.TARGET)
+    have = _schema_summary(serving_schema)
+    for name, want in _schema_summary(features).items():
+        if name not in have:
+            raise ArtifactError(f"the model in {model_dir} needs feature {name!r}, which the workflow does not produce")
+        if have[name] != want:
+            raise ArtifactError(
+                f"feature {name!r}: the workflow produces (dtype, is_list, cardinality) {have[name]} but the model "
+                f"in {model_dir} was trained on {want}: the workflow and model do not belong together"
+            )
+
+
+def _recorded_fingerprint(config: dict):
+    for key in ("schema_fingerprint", "fingerprint", "input_schema_fingerprint"):
+        if key in config:
+            return config[key]
+    return None
+
+
+def _fingerprint_function():
+    """The train stage's schema fingerprint function, if it has one (one way to fingerprint)."""
+    for module_name in ("pipeline.train", "pipeline.models"):
+        try:
+            module = __import__(module_name, fromlist=["schema_fingerprint"])
+        except ImportError:
+            continue
+        fn = getattr(module, "schema_fingerprint", None)
+        if fn is not None:
+            return fn
+    return None
+
+
+def _list_widths(etl_dir: Path, names: list[str]) -> dict[str, int]:
+    """Fixed list widths exactly as the training loader computes them from the train split."""
+    from merlin.io import Dataset
+
+    from pipeline.loader import list_max_lengths
+
+    train = etl_dir / "train"
+    if not train.is_dir():
+        raise ArtifactError(f"{train} is missing (needed for the list-column widths the model was trained with)")
+    return list_max_lengths(Dataset(str(train), engine="parquet"), names)
+
+
+def _first_non_integer(col: pd.Series):
+    """``(row, value)`` of the first value that is not an integer, or None."""
+    for i, value in enumerate(col):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            return i, value
+    return None
+
+
+def _known_ids(workflow, key: str) -> np.ndarray:
+    """Raw ids of ``key`` the workflow knows: its side tables joined on ``key``, else Categorify's vocabulary."""
+    from merlin.dag import Graph, iter_nodes
+    from nvtabular import ops
+
+    nodes = list(iter_nodes([workflow.output_node]))
+    ids = []
+    for node in Graph.get_nodes_by_op_type(nodes, ops.JoinExternal):
+        on = node.op.on if isinstance(node.op.on, list) else [node.op.on]
+        if on == [key]:
+            ids.append(np.asarray(node.op._ext[key]))
+    if not ids:
+        for node in Graph.get_nodes_by_op_type(nodes, ops.Categorify):
+            path = node.op.categories.get(key)
+            if path:
+                vocab = pd.read_parquet(path)[key].dropna()
+                ids.append(vocab.to_numpy())
+    if not ids:
+        raise ArtifactError(f"the workflow has neither a side table nor a vocabulary for {key!r}")
+    return np.unique(np.concatenate(ids).astype(REQUEST_DTYPE))
+
+
+def _rated_by_user(train_dir: Path) -> dict[int, np.ndarray]:
+    """Encoded userId -> encoded movieIds rated in the processed train split."""
+    import pyarrow.parquet as pq
+
+    files = sorted(train_dir.glob("*.parquet"))
+    if not files:
+        raise ArtifactError(f"no parquet files in {train_dir}: cannot tell which movies a user rated")
+    table = pd.concat([pq.read_table(f, columns=["userId", "movieId"]).to_pandas() for f in files])
+    users, movies = table["userId"].to_numpy(), table["movieId"].to_numpy()
+    order = np.argsort(users, kind="stable")
+    users, movies = users[order], movies[order]
+    keys, starts = np.unique(users, return_index=True)
+    return {int(u): m for u, m in zip(keys, np.split(movies, starts[1:]))}
+
+
+# --------------------------------------------------------------------------------------------
+# batch predict over files
+# --------------------------------------------------------------------------------------------
+
+
+def iter_input_batches(path: Path, columns: list[str], batch_size: int) -> Iterator[pd.DataFrame]:
+    """Frames of at most ``batch_size`` rows from a csv or parquet file, read incrementally (pyarrow)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DataError(f"input file {path} does not exist")
+    if suffix in (".parquet", ".pq"):
+        try:
+            reader = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{path} is not a readable parquet file ({err})") from err
+        _check_input_columns(path, reader.schema_arrow.names, columns)
+        for batch in reader.iter_batches(batch_size=batch_size):
+            yield batch.to_pandas()
+    elif suffix in (".csv", ".tsv", ".txt"):
+        delimiter = "\t" if suffix == ".tsv" else ","
+        try:
+            reader = pacsv.open_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=1 << 22),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                convert_options=pacsv.ConvertOptions(column_types={c: pa.int64() for c in columns}),
+            )
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{path}: cannot read as csv ({err})") from err
+        _check_input_columns(path, reader.schema.names, columns)
+        pending: list[pd.DataFrame] = []
+        size = 0
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            except pa.ArrowInvalid as err:
+                # pyarrow names the offending row and value (e.g. "In CSV column #0: ... 'abc'")
+                raise DataError(f"{path}: {err}") from err
+            pending.append(batch.to_pandas())
+            size += batch.num_rows
+            while size >= batch_size:
+                frame = pd.concat(pending, ignore_index=True)
+                yield frame.iloc[:batch_size].reset_index(drop=True)
+                rest = frame.iloc[batch_size:].reset_index(drop=True)
+                pending, size = [rest], len(rest)
+        if size:
+            yield pd.concat(pending, ignore_index=True)
+    else:
+        raise DataError(f"input file {path}: unsupported extension {path.suffix!r} (use .csv or .parquet)")
+
+
+def _check_input_columns(path: Path, names: list[str], columns: list[str]) -> None:
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataError(f"{path} has no column(s) {missing} (it has {names}); predict needs {columns}")
+
+
+def predict_file(predictor: Predictor, input_path: str | Path, output_path: str | Path, *,
+                 batch_size: int = 65_536, progress: bool = True) -> dict[str, Any]:
+    """Score every row of ``input_path`` (csv / parquet with the request columns) into ``output_path``.
+
+    The output parquet holds the input columns plus ``score``, in input order. It is written to a
+    temporary sibling and renamed into place only when complete. Returns a summary dict.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    from pipeline.datasets.atomic import atomic_file
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    total = _count_rows(input_path)
+    start = time.perf_counter()
+    rows = 0
+    writer = None
+    with atomic_file(output_path) as tmp, tqdm(total=total, unit="rows", disable=not progress,
+                                                desc="predict") as bar:
+        try:
+            for frame in iter_input_batches(input_path, predictor.request_columns, batch_size):
+                try:
+                    scores = predictor.predict(frame[predictor.request_columns])
+                except DataError as err:
+                    raise DataError(f"{input_path}, rows {rows}-{rows + len(frame) - 1}: {err}") from err
+                frame = frame.assign(score=scores)
+                table = pa.Table.from_pandas(frame, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                rows += len(frame)
+                bar.update(len(frame))
+            if writer is None:  # empty input: still an (empty) output with the right columns
+                empty = pd.DataFrame({c: pd.Series([], dtype=REQUEST_DTYPE) for c in predictor.request_columns})
+                pq.write_table(pa.Table.from_pandas(empty.assign(score=np.zeros(0, np.float32)), preserve_index=False), tmp)
+        finally:
+            if writer is not None:
+                writer.close()
+    seconds = time.perf_counter() - start
+    return {"input": str(input_path), "output": str(output_path), "rows": rows, "seconds": round(seconds, 3),
+            "rows_per_second": round(rows / seconds, 1) if seconds > 0 else None}
+
+
+def _count_rows(path: Path) -> int | None:
+    if path.suffix.lower() in (".parquet", ".pq") and path.is_file():
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception:  # reported properly by iter_input_batches
+            return None
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: python -m pipeline predict
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, type=Path, help="ETL output dir (holds workflow/ and train/)")
+    parser.add_argument("--model", required=True, type=Path, help="model dir written by `train`")
+    parser.add_argument("--input", required=True, type=Path, help="csv or parquet with raw userId, movieId")
+    parser.add_argument("--output", required=True, type=Path, help="parquet: input columns + score")
+    parser.add_argument("--batch-size", type=int, default=65_536, help="rows scored per batch (default 65536)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be positive, got {args.batch_size}")
+    predictor = Predictor.load(args.data, args.model)
+    summary = predict_file(predictor, args.input, args.output, batch_size=args.batch_size)
+    print(json.dumps(summary, indent=1))
+    return 0
