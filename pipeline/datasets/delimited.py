@@ -8,6 +8,7 @@ scanned line by line in Python to name the first offending line (1-based, as an 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from collections.abc import Iterator
@@ -62,7 +63,7 @@ class DelimitedFile:
         if self.header is not None:
             self._check_header()
         if len(self.sep) == 1:
-            source, delimiter = self.files.open(self.name), self.sep
+            source, delimiter = self.files.arrow_input(self.name), self.sep
         else:
             data = self.files.read_bytes(self.name)
             stand_in = next((b for b in _STAND_INS if b not in data), None)
@@ -70,13 +71,14 @@ class DelimitedFile:
                 return self._fail("cannot find a free byte to stand in for the separator")
             source, delimiter = io.BytesIO(data.replace(self.sep.encode(), stand_in)), stand_in.decode()
         try:
-            with source:
+            with contextlib.nullcontext(source) if isinstance(source, str) else source:
                 table = pacsv.read_csv(
                     source,
                     read_options=pacsv.ReadOptions(
                         column_names=[c.name for c in self.columns],
                         skip_rows=0 if self.header is None else 1,
                         encoding=self.encoding,
+                        block_size=16 << 20,  # fewer, larger chunks: faster parse and to_pandas on 25M rows
                     ),
                     parse_options=pacsv.ParseOptions(
                         delimiter=delimiter, quote_char='"' if self.quoted else False, newlines_in_values=False

@@ -120,3 +120,24 @@ def test_impossible_sizes_are_refused(tmp_path):
     with pytest.raises(DataError, match="n_ratings=100 is impossible"):
         generate_synthetic(tmp_path / "s", n_users=10, n_movies=50, n_ratings=100)
     assert not (tmp_path / "s").exists()
+
+
+def test_ml100k_files_have_the_original_layout(tmp_path):
+    out = generate_synthetic(tmp_path / "ml-100k", fmt="ml-100k", n_users=50, n_movies=70, n_ratings=2_500, seed=5)
+    splits = [f"{s}.{part}" for s in ("ua", "ub", "u1", "u2", "u3", "u4", "u5") for part in ("base", "test")]
+    expected = {"u.data", "u.user", "u.item", "u.genre", "u.occupation", "u.info", *splits, "oracle.parquet", "synthetic.json"}
+    assert {p.name for p in out.iterdir()} == expected
+    assert (out / "u.info").read_text() == "50 users\n70 items\n2500 ratings\n"
+    genre_lines = (out / "u.genre").read_text().split("\n")
+    assert genre_lines[:2] == ["unknown|0", "Action|1"] and genre_lines[18] == "Western|18" and genre_lines[-2:] == ["", ""]
+    assert (out / "u.occupation").read_text().split("\n")[:3] == ["administrator", "artist", "doctor"]
+    data = (out / "u.data").read_text().splitlines()
+    assert len(data) == 2_500 and all(len(line.split("\t")) == 4 for line in data)
+    user = (out / "u.user").read_text().splitlines()[0].split("|")
+    assert len(user) == 5 and 7 <= int(user[1]) <= 73 and user[2] in ("M", "F")
+    items = (out / "u.item").read_bytes().decode("latin-1").splitlines()
+    assert items[1].startswith("2|Misérables, Les (1995)|") and "title-exact?Mis%E9rables,%20Les%20(1995)" in items[1]
+    assert all(len(line.split("|")) == 24 for line in items)
+    # ua.test: 10 ratings per user, sorted by user then movie, as in the original.
+    test = [tuple(map(int, line.split("\t")[:2])) for line in (out / "ua.test").read_text().splitlines()]
+    assert len(test) == 500 and test == sorted(test)
