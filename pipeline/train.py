@@ -1,0 +1,330 @@
+"""Train stage: ETL output -> schema-built model -> fit on the Merlin loader -> saved model + metrics.
+
+``python -m pipeline train --data ETL_DIR --out MODEL_DIR`` writes::
+
+    MODEL_DIR/model.keras          the Keras model (loads with keras.saving.load_model, no custom_objects
+                                   once ``pipeline.models`` is imported)
+    MODEL_DIR/saved_model/         model.export(): a TF SavedModel for TF Serving / Triton
+    MODEL_DIR/metrics.json         valid metrics (auc, logloss, accuracy; rmse for regression heads),
+                                   per-epoch seconds and samples/s
+    MODEL_DIR/schema.pbtxt         the schema the model was trained on
+    MODEL_DIR/config.json          the full training config + the input schema's fingerprint
+    MODEL_DIR/checkpoints/         the last epoch's checkpoint (``--resume`` continues from it)
+
+Everything is built in ``MODEL_DIR.partial`` (checkpoints land there after every epoch, so an
+interrupted run can ``--resume``) and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from pipeline.errors import ArtifactError, DataError
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("dlrm",)
+DEFAULTS = dict(model="dlrm", epochs=3, batch_size=1024, learning_rate=2e-3, embedding_dim=64, seed=0)
+CHECKPOINTS = "checkpoints"
+
+
+# --------------------------------------------------------------------------- schema fingerprint
+def schema_fingerprint(schema) -> str:
+    """A hash of the model-facing part of a merlin ``Schema``: every non-target column's name, kind
+    (int / float / string), list-ness, tags and cardinality.
+
+    Two schemas with the same fingerprint feed a model identically. Inference compares the saved
+    workflow's output schema against the fingerprint recorded at training time (config.json).
+    Storage details (bit width, file paths of category tables) are deliberately left out.
+    """
+    from merlin.schema import Tags
+
+    rows = []
+    for col in schema.excluding_by_tag(Tags.TARGET):
+        sizes = col.properties.get("embedding_sizes") or {}
+        card = sizes.get("cardinality")
+        if card is None and col.int_domain is not None and Tags.CATEGORICAL in col.tags:
+            card = None if col.int_domain.max is None else col.int_domain.max + 1
+        rows.append(
+            [
+                col.name,
+                col.dtype.element_type.value if col.dtype is not None else None,
+                bool(col.is_list),
+                sorted(str(getattr(t, "value", t)) for t in col.tags),
+                None if card is None else int(card),
+            ]
+        )
+    rows.sort(key=lambda r: r[0])
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- data
+def _open_split(data_dir: Path, split: str):
+    from merlin.io import Dataset
+
+    path = data_dir / split
+    if not path.is_dir() or not any(path.glob("*.parquet")):
+        raise DataError(f"{path}: no parquet files (is {data_dir} the output of `python -m pipeline etl`?)")
+    if not (path / "schema.pbtxt").is_file():
+        raise DataError(f"{path / 'schema.pbtxt'}: missing (the ETL writes it next to the parquet files)")
+    try:
+        return Dataset(str(path), engine="parquet")
+    except Exception as err:  # pyarrow / merlin raise many types for corrupt files
+        raise DataError(f"{path}: cannot read the parquet dataset: {err}") from err
+
+
+def _build_model(name: str, schema, embedding_dim: int, targets: list[str] | None):
+    from merlin.schema import Tags
+
+    import pipeline.models as mm
+
+    if name not in MODELS:
+        raise DataError(f"unknown model {name!r}; choose one of {MODELS}")
+    if targets is None:
+        # Default: the binary-classification targets (rating_binary); any target if there is none.
+        targets = schema.select_by_tag(Tags.BINARY_CLASSIFICATION).select_by_tag(Tags.TARGET).column_names or None
+    heads = mm.outputs_from_schema(schema, targets)
+    return mm.DLRMModel(
+        schema,
+        embedding_dim=embedding_dim,
+        bottom_block=mm.MLPBlock([128, embedding_dim]),
+        top_block=mm.MLPBlock([128, 64, 32]),
+        prediction_tasks=heads,
+    )
+
+
+# --------------------------------------------------------------------------- callbacks
+def _epoch_callbacks(train_rows: int, work: Path, history: list[dict], keep: int = 1):
+    import keras
+
+    class EpochRecorder(keras.callbacks.Callback):
+        """Per epoch: training seconds (validation excluded), samples/s, metrics, and a checkpoint."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
+            self._train_seconds = None
+
+        def on_test_begin(self, logs=None):
+            if getattr(self, "_start", None) is not None and self._train_seconds is None:
+                self._train_seconds = time.perf_counter() - self._start
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds = self._train_seconds or (time.perf_counter() - self._start)
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            record = {
+                "epoch": epoch + 1,
+                "seconds": round(seconds, 3),
+                "samples_per_second": round(train_rows / seconds, 1),
+                "train": {k: v for k, v in logs.items() if not k.startswith("val_")},
+                "valid": {k[4:]: v for k, v in logs.items() if k.startswith("val_")},
+            }
+            history.append(record)
+            ckpt_dir = work / CHECKPOINTS
+            ckpt_dir.mkdir(exist_ok=True)
+            tmp = ckpt_dir / f".epoch_{epoch + 1:03d}.keras"
+            self.model.save(tmp)
+            tmp.rename(ckpt_dir / f"epoch_{epoch + 1:03d}.keras")
+            (ckpt_dir / "history.json").write_text(json.dumps(history, indent=2))
+            for old in sorted(ckpt_dir.glob("epoch_*.keras"))[:-keep]:
+                old.unlink()
+            logger.info("epoch %d: %.1f s, %.0f samples/s, %s", epoch + 1, seconds, train_rows / seconds,
+                        {k: round(v, 4) for k, v in logs.items()})
+
+    return EpochRecorder()
+
+
+# --------------------------------------------------------------------------- the stage
+def train_model(
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    model: str = DEFAULTS["model"],
+    epochs: int = DEFAULTS["epochs"],
+    batch_size: int = DEFAULTS["batch_size"],
+    learning_rate: float = DEFAULTS["learning_rate"],
+    embedding_dim: int = DEFAULTS["embedding_dim"],
+    seed: int = DEFAULTS["seed"],
+    early_stopping: bool = False,
+    resume: bool = False,
+    targets: list[str] | None = None,
+    verbose: int | str = "auto",
+) -> dict:
+    """Train ``model`` on ``data_dir``/train, validate on ``data_dir``/valid, write ``out_dir``.
+
+    Returns the metrics written to ``out_dir``/metrics.json. Deterministic for a given ``seed``
+    (weights, shuffling and op order: TF op determinism is enabled).
+    """
+    import pipeline  # noqa: F401  (dask settings before merlin)
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if epochs < 1:
+        raise DataError(f"--epochs must be at least 1, got {epochs}")
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be positive, got {batch_size}")
+    train_ds, valid_ds = _open_split(data_dir, "train"), _open_split(data_dir, "valid")
+    schema = train_ds.schema
+    fingerprint = schema_fingerprint(schema)
+    if schema_fingerprint(valid_ds.schema) != fingerprint:
+        raise DataError(f"{data_dir}/train and {data_dir}/valid have different schemas (schema.pbtxt)")
+    train_rows, valid_rows = int(train_ds.num_rows), int(valid_ds.num_rows)
+    if train_rows == 0:
+        raise DataError(f"{data_dir / 'train'}: the training set is empty")
+    if valid_rows == 0:
+        raise DataError(f"{data_dir / 'valid'}: the validation set is empty")
+    if batch_size > train_rows:
+        raise DataError(f"--batch-size {batch_size} is larger than the {train_rows} training rows in {data_dir / 'train'}")
+
+    import keras
+    import tensorflow as tf
+
+    config = {
+        "model": model, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+        "embedding_dim": embedding_dim, "seed": seed, "early_stopping": early_stopping,
+        "data_dir": str(data_dir.resolve()), "schema_fingerprint": fingerprint,
+    }
+    work = out_dir.with_name(out_dir.name + ".partial")
+    history: list[dict] = []
+    initial_epoch = 0
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+    checkpoint = _resume_point(work, out_dir) if resume else None
+    if checkpoint is not None:
+        net = keras.saving.load_model(checkpoint)
+        prior = json.loads((checkpoint.parent / "history.json").read_text())
+        history.extend(prior)
+        initial_epoch = len(prior)
+        old = json.loads((checkpoint.parent / "config.json").read_text()) if (checkpoint.parent / "config.json").exists() else {}
+        if old.get("schema_fingerprint", fingerprint) != fingerprint:
+            raise ArtifactError(f"{checkpoint}: was trained on a different schema than {data_dir}; train without --resume")
+        logger.info("resuming from %s (epoch %d)", checkpoint, initial_epoch)
+        if initial_epoch >= epochs:
+            logger.info("already trained for %d epochs (asked for %d): nothing to fit", initial_epoch, epochs)
+    else:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        net = _build_model(model, schema, embedding_dim, targets)
+        net.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate))
+    config["targets"] = net.target_names
+    config["features"] = net.input_feature_names()
+    (work / CHECKPOINTS).mkdir(exist_ok=True)
+    (work / CHECKPOINTS / "config.json").write_text(json.dumps(config, indent=2))
+
+    train_loader = net.make_loader(train_ds, batch_size, shuffle=True, seed=seed)
+    valid_loader = net.make_loader(valid_ds, batch_size)
+    train_loader._epoch = initial_epoch  # the shuffle of epoch k is the same with or without --resume
+    callbacks = [_epoch_callbacks(train_rows, work, history)]
+    if early_stopping:
+        monitor = "val_auc" if len(net.heads) == 1 and "auc" in [m.name for m in net.heads[0].default_metrics()] else "val_loss"
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max" if "auc" in monitor else "min",
+                                                       patience=1, restore_best_weights=True))
+    started = time.perf_counter()
+    try:
+        if initial_epoch < epochs:
+            net.fit(train_loader, epochs=epochs, initial_epoch=initial_epoch, validation_data=valid_loader,
+                    callbacks=callbacks, verbose=verbose)
+        valid_metrics = net.evaluate(valid_loader, return_dict=True, verbose=0)
+    finally:
+        train_loader.stop()
+        valid_loader.stop()
+    fit_seconds = time.perf_counter() - started
+
+    metrics = {
+        "valid": {k: float(v) for k, v in valid_metrics.items()},
+        "epochs": history,
+        "train_rows": train_rows,
+        "valid_rows": valid_rows,
+        "fit_seconds": round(fit_seconds, 3),
+        "targets": net.target_names,
+    }
+    _write_outputs(net, work, data_dir, config, metrics)
+    _replace_dir(work, out_dir)
+    logger.info("model written to %s; valid %s", out_dir, {k: round(v, 4) for k, v in metrics["valid"].items()})
+    return metrics
+
+
+def _resume_point(work: Path, out_dir: Path) -> Path | None:
+    """The newest checkpoint of an interrupted run (``out_dir.partial``) or of a finished one (``out_dir``)."""
+    for base in (work, out_dir):
+        ckpts = sorted((base / CHECKPOINTS).glob("epoch_*.keras"))
+        if ckpts and (base / CHECKPOINTS / "history.json").exists():
+            if base == out_dir:
+                # Continue a finished model in a fresh partial copy; out_dir stays intact until done.
+                if work.exists():
+                    shutil.rmtree(work)
+                shutil.copytree(out_dir, work)
+                return work / CHECKPOINTS / ckpts[-1].name
+            return ckpts[-1]
+    raise ArtifactError(f"--resume: no checkpoint in {work / CHECKPOINTS} or {out_dir / CHECKPOINTS}")
+
+
+def _write_outputs(net, work: Path, data_dir: Path, config: dict, metrics: dict) -> None:
+    import keras
+    import keras_rs
+    import merlin.core
+    import nvtabular
+    import tensorflow as tf
+
+    for stale in ("model.keras", "saved_model"):
+        target = work / stale
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    net.save(work / "model.keras")
+    net.export(str(work / "saved_model"), format="tf_saved_model", input_signature=[net.input_signature()], verbose=False)
+    shutil.copyfile(data_dir / "train" / "schema.pbtxt", work / "schema.pbtxt")
+    config = {
+        **config,
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "keras_rs": keras_rs.__version__,
+                     "merlin_core": merlin.core.__version__, "nvtabular": nvtabular.__version__},
+    }
+    (work / "config.json").write_text(json.dumps(config, indent=2))
+    (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def _replace_dir(work: Path, out_dir: Path) -> None:
+    # Rename the finished directory into place; an existing output is moved aside first, removed after.
+    old = out_dir.with_name(out_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        out_dir.rename(old)
+    work.rename(out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="ETL output dir (train/, valid/ with schema.pbtxt)")
+    parser.add_argument("--out", type=Path, required=True, help="model dir to write")
+    parser.add_argument("--model", choices=MODELS, default=DEFAULTS["model"])
+    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
+    parser.add_argument("--embedding-dim", type=int, default=DEFAULTS["embedding_dim"])
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    parser.add_argument("--target", action="append", dest="targets", default=None,
+                        help="target column to predict (repeat for multi-task); default: the binary target(s)")
+    parser.add_argument("--early-stopping", action="store_true", help="stop when valid AUC stops improving")
+    parser.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+
+
+def main(args: argparse.Namespace) -> int:
+    metrics = train_model(
+        args.data, args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, embedding_dim=args.embedding_dim, seed=args.seed,
+        early_stopping=args.early_stopping, resume=args.resume, targets=args.targets,
+    )
+    last = metrics["epochs"][-1] if metrics["epochs"] else {}
+    print(json.dumps({"model_dir": str(args.out), "valid": metrics["valid"],
+                      "last_epoch_samples_per_second": last.get("samples_per_second")}, indent=2))
+    return 0
