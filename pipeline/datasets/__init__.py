@@ -7,6 +7,7 @@
 """
 
 from pipeline.datasets.download import download_movielens
+from pipeline.datasets.ml100k import read_ml100k_split
 from pipeline.datasets.raw import RawMovieLens
 from pipeline.datasets.readers import read_movielens
 from pipeline.datasets.synthetic import generate_synthetic, read_oracle, read_synthetic_params
@@ -15,6 +16,7 @@ __all__ = [
     "RawMovieLens",
     "download_movielens",
     "generate_synthetic",
+    "read_ml100k_split",
     "read_movielens",
     "read_oracle",
     "read_synthetic_params",

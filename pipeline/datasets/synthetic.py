@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtr
 
+from pipeline.datasets import ml1m, ml100k
 from pipeline.datasets.atomic import atomic_dir
 from pipeline.datasets.constants import (
     AGE_RANGES,
@@ -44,6 +45,11 @@ GENERATOR_VERSION = 1
 ORACLE_FILE = "oracle.parquet"
 PARAMS_FILE = "synthetic.json"
 FORMATS = ("ml-1m", "ml-100k")
+# The raw files each format's generator writes (the reader's required files, plus ml-100k's extras).
+_FILES = {
+    "ml-1m": ml1m.FILES,
+    "ml-100k": ml100k.FILES + ("u.info",) + tuple(f"{s}.{part}" for s in ml100k.SPLITS for part in ("base", "test")),
+}
 
 # Shares of ml-1m's age codes 1, 18, 25, 35, 45, 50, 56 and occupation codes 0-20 among its users.
 _AGE_SHARES = np.array([222, 1103, 2096, 1193, 550, 496, 380], dtype=float)
@@ -142,7 +148,8 @@ def generate_synthetic(
     params = synthetic_params(fmt, n_users=n_users, n_movies=n_movies, n_ratings=n_ratings, seed=seed)
     out_dir = Path(out_dir)
     existing = read_synthetic_params(out_dir)
-    if existing == params:
+    complete = all((out_dir / name).is_file() for name in _FILES[fmt] + (ORACLE_FILE,))
+    if existing == params and complete:
         logger.info("reusing synthetic %s data in %s", fmt, out_dir)
         return out_dir
     if existing is None and out_dir.exists() and any(out_dir.iterdir()):

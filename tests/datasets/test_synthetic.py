@@ -104,6 +104,9 @@ def test_existing_dir_is_reused_or_protected(tmp_path, caplog):
     stamp = (out / "ratings.dat").stat().st_mtime_ns
     assert generate_synthetic(out, n_users=30, n_movies=40, n_ratings=900) == out
     assert (out / "ratings.dat").stat().st_mtime_ns == stamp
+    (out / "users.dat").unlink()  # an incomplete dir is regenerated, not reused
+    generate_synthetic(out, n_users=30, n_movies=40, n_ratings=900)
+    assert (out / "users.dat").is_file()
     generate_synthetic(out, n_users=30, n_movies=40, n_ratings=901)
     assert read_synthetic_params(out)["n_ratings"] == 901
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temporary sibling left behind
