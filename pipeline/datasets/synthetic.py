@@ -254,7 +254,7 @@ def sample_movielens(params: dict) -> SyntheticSample:
     log_weight = _SD_POPULARITY * popularity
     user_idx = np.repeat(np.arange(n_users), counts)
     movie_idx = np.empty(n_ratings, dtype=np.int64)
-    chunk = max(1, 4_000_000 // n_movies)  # bounds the (users x movies) key matrix to ~16 MB
+    chunk = max(1, 4_000_000 // n_movies)  # bounds the (users x movies) keys + argsort to ~64 MB
     start = 0
     for lo in range(0, n_users, chunk):
         hi = min(n_users, lo + chunk)
