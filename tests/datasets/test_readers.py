@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -80,6 +81,14 @@ def test_ml1m_from_zip_and_from_extracted_zip(synthetic_raw, tmp_path, zip_folde
     extracted = tmp_path / "raw"
     shutil.copytree(synthetic_raw, extracted / "ml-1m")  # data/raw/ with the zip unpacked inside
     assert_same(folder, read_movielens("ml-1m", extracted))
+
+
+def test_zip_without_top_folder(synthetic_raw, tmp_path):
+    archive = tmp_path / "flat.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for name in ("ratings.dat", "users.dat", "movies.dat"):
+            z.write(synthetic_raw / name, name)
+    assert_same(read_movielens("ml-1m", synthetic_raw), read_movielens("ml-1m", archive))
 
 
 def test_ml100k_users_movies_and_occupation_codes(ml100k_raw):

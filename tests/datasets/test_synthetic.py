@@ -33,6 +33,7 @@ def test_ml1m_files_read_back_with_the_real_codes(synthetic_raw):
     assert raw.users["zipcode"].str.fullmatch(r"\d{5}").all()
     assert "Misérables, Les (1995)" in set(raw.movies["title"])
     assert raw.movies["title"].str.fullmatch(r".+ \(\d{4}\)").all()
+    assert raw.movies["title"].str.contains(": ").any()  # ':' inside titles, never '::'
     assert all(1 <= len(g) <= 4 for g in raw.movies["genres"])
     # Each (user, movie) pair once, every user with at least 20 ratings.
     assert not raw.ratings.duplicated(["userId", "movieId"]).any()
@@ -144,3 +145,5 @@ def test_ml100k_files_have_the_original_layout(tmp_path):
     # ua.test: 10 ratings per user, sorted by user then movie, as in the original.
     test = [tuple(map(int, line.split("\t")[:2])) for line in (out / "ua.test").read_text().splitlines()]
     assert len(test) == 500 and test == sorted(test)
+    again = generate_synthetic(tmp_path / "again", fmt="ml-100k", n_users=50, n_movies=70, n_ratings=2_500, seed=5)
+    assert _digest(again) == _digest(out)
