@@ -53,7 +53,9 @@ class _Tables:
         self.users_file.check(
             codes >= 0, lambda row: f"occupation {users['occupation'].iat[row]!r} is not listed in u.occupation"
         )
-        self.users = users.assign(occupation=codes.astype(np.int64))[["userId", "gender", "age", "occupation", "zipcode"]]
+        self.users = users.assign(occupation=codes.astype(np.int64))[
+            ["userId", "gender", "age", "occupation", "zipcode"]
+        ]
 
         genres = genres_file.read()
         genres_file.check(
@@ -66,9 +68,7 @@ class _Tables:
         items = self.movies_file.read()
         check_unique(self.movies_file, items, "movieId")
         flags = items[[c.name for c in flag_columns]].to_numpy()
-        self.movies_file.check(
-            np.isin(flags, (0, 1)).all(axis=1), lambda row: "genre flags must be 0 or 1"
-        )
+        self.movies_file.check(np.isin(flags, (0, 1)).all(axis=1), lambda row: "genre flags must be 0 or 1")
         genre_lists = [[names[j] for j in np.flatnonzero(row)] for row in flags]
         self.movies = pd.DataFrame({"movieId": items["movieId"], "title": items["title"], "genres": genre_lists})
 

@@ -49,7 +49,9 @@ def check_unique(file: DelimitedFile, frame: pd.DataFrame, column: str) -> None:
     file.check(~duplicated, lambda row: f"{column} {frame[column].iat[row]} appears a second time")
 
 
-def check_known(file: DelimitedFile, frame: pd.DataFrame, column: str, known: pd.Series, known_in: DelimitedFile) -> None:
+def check_known(
+    file: DelimitedFile, frame: pd.DataFrame, column: str, known: pd.Series, known_in: DelimitedFile
+) -> None:
     """Every ``column`` value of ``file`` is one of ``known`` (the ids listed in ``known_in``)."""
     values = frame[column]
     file.check(

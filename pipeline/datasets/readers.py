@@ -31,7 +31,11 @@ def read_movielens(variant: str, path: str | Path) -> RawMovieLens:
     raw = reader(path)
     logger.info(
         "read %s from %s: %d ratings, %d movies%s in %.2f s",
-        variant, path, len(raw.ratings), len(raw.movies),
-        "" if raw.users is None else f", {len(raw.users)} users", time.perf_counter() - start,
+        variant,
+        path,
+        len(raw.ratings),
+        len(raw.movies),
+        "" if raw.users is None else f", {len(raw.users)} users",
+        time.perf_counter() - start,
     )
     return raw

@@ -114,7 +114,9 @@ def read_oracle(raw_dir: str | Path) -> pd.DataFrame:
     """The true P(rating > 3) of every synthetic rating: DataFrame(userId int64, movieId int64, p_positive float64)."""
     path = Path(raw_dir) / ORACLE_FILE
     if not path.is_file():
-        raise DataError(f"{path}: no oracle here; only synthetic raw dirs (pipeline.datasets.generate_synthetic) have one")
+        raise DataError(
+            f"{path}: no oracle here; only synthetic raw dirs (pipeline.datasets.generate_synthetic) have one"
+        )
     return pd.read_parquet(path)
 
 
@@ -153,11 +155,17 @@ def generate_synthetic(
         logger.info("reusing synthetic %s data in %s", fmt, out_dir)
         return out_dir
     if existing is None and out_dir.exists() and any(out_dir.iterdir()):
-        raise DataError(f"{out_dir}: exists and is not a synthetic raw dir ({PARAMS_FILE} missing); refusing to overwrite")
+        raise DataError(
+            f"{out_dir}: exists and is not a synthetic raw dir ({PARAMS_FILE} missing); refusing to overwrite"
+        )
 
     logger.info(
         "generating synthetic %s: %d users, %d movies, %d ratings (seed %d)",
-        fmt, params["n_users"], params["n_movies"], params["n_ratings"], seed,
+        fmt,
+        params["n_users"],
+        params["n_movies"],
+        params["n_ratings"],
+        seed,
     )
     sample = sample_movielens(params)
     oracle_auc = roc_auc(sample.ratings["rating"].to_numpy() > 3, sample.ratings["p_positive"].to_numpy())
@@ -208,7 +216,9 @@ def sample_movielens(params: dict) -> SyntheticSample:
     # Users: demographics drawn with ml-1m's shares.
     gender = np.where(rng_users.random(n_users) < 0.2829, "F", "M")
     age_group = rng_users.choice(len(_AGE_SHARES), size=n_users, p=_AGE_SHARES / _AGE_SHARES.sum())
-    occupation = rng_users.choice(len(_OCCUPATION_SHARES), size=n_users, p=_OCCUPATION_SHARES / _OCCUPATION_SHARES.sum())
+    occupation = rng_users.choice(
+        len(_OCCUPATION_SHARES), size=n_users, p=_OCCUPATION_SHARES / _OCCUPATION_SHARES.sum()
+    )
     zip_pool = rng_users.integers(1000, 100_000, size=max(1, int(0.57 * n_users)))
     zipcode = np.char.zfill(zip_pool[rng_users.integers(0, zip_pool.size, size=n_users)].astype(str), 5)
     users = pd.DataFrame(
@@ -240,7 +250,9 @@ def sample_movielens(params: dict) -> SyntheticSample:
     user_bias = _SD_USER_BIAS * rng_signal.standard_normal(n_users)
     movie_bias = _SD_MOVIE_BIAS * (0.45 * popularity + np.sqrt(1 - 0.45**2) * rng_signal.standard_normal(n_movies))
     genre_factors = rng_signal.standard_normal((len(GENRES), _RANK))
-    movie_factors = genre_flags @ genre_factors / np.sqrt(n_genres)[:, None] + rng_signal.standard_normal((n_movies, _RANK))
+    movie_factors = genre_flags @ genre_factors / np.sqrt(n_genres)[:, None] + rng_signal.standard_normal(
+        (n_movies, _RANK)
+    )
     movie_factors /= np.sqrt(2.0 * _RANK)
     user_factors = _SD_AFFINITY * rng_signal.standard_normal((n_users, _RANK))
     taste = (
@@ -378,7 +390,9 @@ def _write_ml1m(sample: SyntheticSample, out: Path) -> None:
         f.writelines(map("{}::{}::{}::{}\n".format, *_lines(r["userId"], r["movieId"], r["rating"], r["timestamp"])))
     ages = np.asarray(ML1M_AGE_CODES)[u["age_group"].to_numpy()]
     with open(out / "users.dat", "w", encoding="ascii", newline="\n") as f:
-        f.writelines(map("{}::{}::{}::{}::{}\n".format, *_lines(u["userId"], u["gender"], ages, u["occupation"], u["zipcode"])))
+        f.writelines(
+            map("{}::{}::{}::{}::{}\n".format, *_lines(u["userId"], u["gender"], ages, u["occupation"], u["zipcode"]))
+        )
     genres = ["|".join(g for g, on in zip(GENRES, flags) if on) for flags in sample.genre_flags]
     with open(out / "movies.dat", "w", encoding="latin-1", newline="\n") as f:
         f.writelines(map("{}::{}::{}\n".format, *_lines(m["movieId"], m["title"]), genres))
@@ -407,7 +421,12 @@ def _write_ml100k(sample: SyntheticSample, out: Path, rng: np.random.Generator) 
     months = rng.integers(0, 12, size=len(m))
     with open(out / "u.item", "w", encoding="latin-1", newline="\n") as f:
         for movie_id, title, year, day, month, row in zip(
-            m["movieId"].tolist(), m["title"].tolist(), m["year"].tolist(), days.tolist(), months.tolist(), flags.tolist()
+            m["movieId"].tolist(),
+            m["title"].tolist(),
+            m["year"].tolist(),
+            days.tolist(),
+            months.tolist(),
+            flags.tolist(),
         ):
             url = "http://us.imdb.com/M/title-exact?" + urllib.parse.quote(title, safe="(),'!&:", encoding="latin-1")
             release = f"{day:02d}-{_MONTHS[month]}-{year}"
@@ -442,5 +461,8 @@ def _write_ml100k(sample: SyntheticSample, out: Path, rng: np.random.Generator) 
 def _write_udata(path: Path, ratings: pd.DataFrame) -> None:
     with open(path, "w", encoding="ascii", newline="\n") as f:
         f.writelines(
-            map("{}\t{}\t{}\t{}\n".format, *_lines(ratings["userId"], ratings["movieId"], ratings["rating"], ratings["timestamp"]))
+            map(
+                "{}\t{}\t{}\t{}\n".format,
+                *_lines(ratings["userId"], ratings["movieId"], ratings["rating"], ratings["timestamp"]),
+            )
         )

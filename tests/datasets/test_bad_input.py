@@ -153,7 +153,7 @@ def test_ml100k_split_naming_unknown_movie(ml100k):
     expect("ml-100k", ml100k, "ua.test line 1: movieId 5000 is not listed in u.item")
 
 
-def make_ml25m(folder, ratings: str, movies: str = "movieId,title,genres\n1,\"Heat, The (1995)\",Action\n"):
+def make_ml25m(folder, ratings: str, movies: str = 'movieId,title,genres\n1,"Heat, The (1995)",Action\n'):
     folder.mkdir()
     (folder / "movies.csv").write_text(movies)
     (folder / "ratings.csv").write_text(ratings)
@@ -168,7 +168,9 @@ def test_ml25m_bad_header_and_half_star_scale(tmp_path):
     assert re.search(r"outside 0\.5-5 in steps of 0\.5", message)
     expect("ml-25m", make_ml25m(tmp_path / "d", ok + "3,1,3.25,3\n"), "line 4: rating 3.25")
     expect("ml-25m", make_ml25m(tmp_path / "e", ok + "3,2,3,3\n"), "line 4: movieId 2 is not listed in movies.csv")
-    expect("ml-25m", make_ml25m(tmp_path / "f", "userId,movieId,rating,timestamp\n"), "ratings.csv: the file has no rows")
+    expect(
+        "ml-25m", make_ml25m(tmp_path / "f", "userId,movieId,rating,timestamp\n"), "ratings.csv: the file has no rows"
+    )
 
 
 def test_ml25m_unbalanced_quote(tmp_path):

@@ -63,7 +63,10 @@ def test_ml1m_contract_dtypes(synthetic_raw):
     raw = read_movielens("ml-1m", synthetic_raw)
     assert raw.variant == "ml-1m" and raw.official_split is None
     assert dict(raw.ratings.dtypes.astype(str)) == {
-        "userId": "int64", "movieId": "int64", "rating": "float32", "timestamp": "int64",
+        "userId": "int64",
+        "movieId": "int64",
+        "rating": "float32",
+        "timestamp": "int64",
     }
     assert list(raw.users.columns) == ["userId", "gender", "age", "occupation", "zipcode"]
     assert raw.users[["userId", "age", "occupation"]].dtypes.eq("int64").all()

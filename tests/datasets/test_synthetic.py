@@ -24,7 +24,11 @@ def _digest(folder):
 def test_ml1m_files_read_back_with_the_real_codes(synthetic_raw):
     raw = read_movielens("ml-1m", synthetic_raw)
     assert sorted(p.name for p in synthetic_raw.iterdir()) == [
-        "movies.dat", "oracle.parquet", "ratings.dat", "synthetic.json", "users.dat",
+        "movies.dat",
+        "oracle.parquet",
+        "ratings.dat",
+        "synthetic.json",
+        "users.dat",
     ]
     assert len(raw.ratings) == 40_000 and len(raw.users) == 400 and len(raw.movies) == 300
     assert set(raw.users["age"]) <= {1, 18, 25, 35, 45, 50, 56} and len(set(raw.users["age"])) >= 6
@@ -129,11 +133,25 @@ def test_impossible_sizes_are_refused(tmp_path):
 def test_ml100k_files_have_the_original_layout(tmp_path):
     out = generate_synthetic(tmp_path / "ml-100k", fmt="ml-100k", n_users=50, n_movies=70, n_ratings=2_500, seed=5)
     splits = [f"{s}.{part}" for s in ("ua", "ub", "u1", "u2", "u3", "u4", "u5") for part in ("base", "test")]
-    expected = {"u.data", "u.user", "u.item", "u.genre", "u.occupation", "u.info", *splits, "oracle.parquet", "synthetic.json"}
+    expected = {
+        "u.data",
+        "u.user",
+        "u.item",
+        "u.genre",
+        "u.occupation",
+        "u.info",
+        *splits,
+        "oracle.parquet",
+        "synthetic.json",
+    }
     assert {p.name for p in out.iterdir()} == expected
     assert (out / "u.info").read_text() == "50 users\n70 items\n2500 ratings\n"
     genre_lines = (out / "u.genre").read_text().split("\n")
-    assert genre_lines[:2] == ["unknown|0", "Action|1"] and genre_lines[18] == "Western|18" and genre_lines[-2:] == ["", ""]
+    assert (
+        genre_lines[:2] == ["unknown|0", "Action|1"]
+        and genre_lines[18] == "Western|18"
+        and genre_lines[-2:] == ["", ""]
+    )
     assert (out / "u.occupation").read_text().split("\n")[:3] == ["administrator", "artist", "doctor"]
     data = (out / "u.data").read_text().splitlines()
     assert len(data) == 2_500 and all(len(line.split("\t")) == 4 for line in data)
