@@ -254,7 +254,6 @@ class Predictor:
     def load(cls, etl_dir: str | Path, model_dir: str | Path) -> "Predictor":
         """Verify checksums, load ``etl_dir/workflow`` and ``model_dir/model.keras``, check they match."""
         import pipeline  # noqa: F401  (dask settings before nvtabular)
-        import keras
         import nvtabular as nvt
         from merlin.schema import Tags
 
@@ -274,17 +273,15 @@ class Predictor:
         config = _read_json(model_dir / "config.json")
         _check_schema(serving.output_schema, trained_schema, config, model_dir)
 
+        from pipeline.models import load_model  # registers our layers with Keras
+
         try:
-            model = keras.saving.load_model(str(model_file))
+            model = load_model(str(model_file))
         except Exception as err:  # keras raises many types for a bad file
             raise ArtifactError(f"cannot load the model {model_file}: {err}") from err
 
-        features = trained_schema.excluding_by_tag(Tags.TARGET)
-        list_names = [c.name for c in features if c.is_list]
-        widths = _list_widths(etl_dir, list_names) if list_names else {}
-        inputs = [
-            _ModelInput(c.name, np.dtype(c.dtype.to_numpy), widths.get(c.name)) for c in features
-        ]
+        inputs = _model_inputs(model, trained_schema, etl_dir)
+        features = trained_schema.select_by_name([i.name for i in inputs])
         target_schema = trained_schema.select_by_tag(Tags.TARGET)
         binary = target_schema.select_by_tag(Tags.BINARY_CLASSIFICATION).column_names
         target = (binary or target_schema.column_names or ["score"])[0]
@@ -447,19 +444,23 @@ def _schema_summary(schema) -> dict[str, tuple]:
 
 
 def _check_schema(serving_schema, trained_schema, config: dict, model_dir: Path) -> None:
-    """``ArtifactError`` unless the serving graph produces every model feature as the model saw it."""
+    """``ArtifactError`` unless the serving graph produces the features the model was trained on.
+
+    Compares ``pipeline.train.schema_fingerprint`` of the serving graph's output with the one the
+    train stage recorded in config.json, then (also for models without a recorded fingerprint)
+    checks every feature of the training schema by name, dtype, list-ness and cardinality.
+    """
     from merlin.schema import Tags
 
-    recorded = _recorded_fingerprint(config)
+    from pipeline.train import schema_fingerprint
+
+    recorded = config.get("schema_fingerprint")
     if recorded is not None:
-        fingerprint = _fingerprint_function()
-        actual = fingerprint(serving_schema.select_by_name(
-            [c for c in trained_schema.column_names if c in serving_schema.column_names]
-        ).excluding_by_tag(Tags.TARGET)) if fingerprint else None
-        if fingerprint is not None and actual != recorded:
+        actual = schema_fingerprint(serving_schema)
+        if actual != recorded:
             raise ArtifactError(
-                f"the workflow's output schema (fingerprint {actual}) is not the schema the model in {model_dir} "
-                f"was trained on (fingerprint {recorded}): the workflow and model do not belong together"
+                f"the workflow's output schema (fingerprint {actual[:12]}) is not the schema the model in {model_dir} "
+                f"was trained on (fingerprint {recorded[:12]}): the workflow and model do not belong together"
             )
     features = trained_schema.excluding_by_tag(Tags.TARGET)
     have = _schema_summary(serving_schema)
@@ -473,24 +474,31 @@ def _check_schema(serving_schema, trained_schema, config: dict, model_dir: Path)
             )
 
 
-def _recorded_fingerprint(config: dict):
-    for key in ("schema_fingerprint", "fingerprint", "input_schema_fingerprint"):
-        if key in config:
-            return config[key]
-    return None
+def _model_inputs(model, trained_schema, etl_dir: Path) -> list[_ModelInput]:
+    """Name, dtype and list width of every model input, from the model's own input record.
 
+    ``pipeline.models.Model`` records the shapes it was built on (``input_signature``), which for a
+    list column is the padded width the training loader used. Other Keras models fall back to the
+    training schema and the loader's width rule on the train split.
+    """
+    from merlin.schema import Tags
 
-def _fingerprint_function():
-    """The train stage's schema fingerprint function, if it has one (one way to fingerprint)."""
-    for module_name in ("pipeline.train", "pipeline.models"):
-        try:
-            module = __import__(module_name, fromlist=["schema_fingerprint"])
-        except ImportError:
-            continue
-        fn = getattr(module, "schema_fingerprint", None)
-        if fn is not None:
-            return fn
-    return None
+    try:
+        signature = model.input_signature()
+    except (AttributeError, ValueError, TypeError):
+        signature = None
+    if signature:
+        out = []
+        for name, spec in signature.items():
+            shape = list(spec.shape)
+            width = int(shape[1]) if len(shape) > 1 and trained_schema.column_schemas.get(name) is not None \
+                and trained_schema[name].is_list else None
+            out.append(_ModelInput(name, np.dtype(spec.dtype.as_numpy_dtype), width))
+        return out
+    features = trained_schema.excluding_by_tag(Tags.TARGET)
+    list_names = [c.name for c in features if c.is_list]
+    widths = _list_widths(etl_dir, list_names) if list_names else {}
+    return [_ModelInput(c.name, np.dtype(c.dtype.to_numpy), widths.get(c.name)) for c in features]
 
 
 def _list_widths(etl_dir: Path, names: list[str]) -> dict[str, int]:
