@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,7 +68,7 @@ class DelimitedFile:
             data = self.files.read_bytes(self.name)
             stand_in = next((b for b in _STAND_INS if b not in data), None)
             if stand_in is None:
-                return self._fail("cannot find a free byte to stand in for the separator")
+                raise self._parse_error("cannot find a free byte to stand in for the separator")
             source, delimiter = io.BytesIO(data.replace(self.sep.encode(), stand_in)), stand_in.decode()
         try:
             with contextlib.nullcontext(source) if isinstance(source, str) else source:
@@ -90,12 +90,12 @@ class DelimitedFile:
                     ),
                 )
         except (pa.ArrowInvalid, UnicodeDecodeError) as err:
-            return self._fail(str(err).splitlines()[0])
+            raise self._parse_error(str(err).splitlines()[0]) from None
         if table.num_rows == 0:
             raise DataError(f"{self.where}: the file has no rows")
         for column in self.columns:
             if column.kind != "str" and table.column(column.name).null_count:
-                return self._fail(f"empty value in {column.name}")
+                raise self._parse_error(f"empty value in {column.name}")
         return table.to_pandas()
 
     def error(self, row: int, message: str) -> DataError:
@@ -106,7 +106,7 @@ class DelimitedFile:
             row -= 1
         return DataError(f"{self.where}: {message}")
 
-    def check(self, ok: np.ndarray, message) -> None:
+    def check(self, ok: np.ndarray, message: Callable[[int], str]) -> None:
         """Raise :meth:`error` for the first False in ``ok`` (rows,); ``message(row)`` says what is wrong."""
         bad = np.flatnonzero(~np.asarray(ok, dtype=bool))
         if bad.size:
@@ -129,25 +129,25 @@ class DelimitedFile:
                     continue
                 yield line_number, line
 
-    def _fail(self, parser_message: str):
-        """Find the first malformed line and raise a DataError naming it (``parser_message`` if none found)."""
+    def _parse_error(self, parser_message: str) -> DataError:
+        """Find the first malformed line: a DataError naming it (or quoting ``parser_message`` if none is found)."""
         names = ", ".join(c.name for c in self.columns)
         for line_number, raw in self._lines():
             prefix = f"{self.where} line {line_number}"
             try:
                 line = raw.decode(self.encoding)
             except UnicodeDecodeError as err:
-                raise DataError(f"{prefix}: not valid {self.encoding} text ({err.reason})") from None
+                return DataError(f"{prefix}: not valid {self.encoding} text ({err.reason})")
             fields = next(csv.reader([line])) if self.quoted else line.split(self.sep)
             if len(fields) != len(self.columns):
-                raise DataError(
+                return DataError(
                     f"{prefix}: expected {len(self.columns)} fields ({names}) separated by {self.sep!r}, "
                     f"found {len(fields)}: {_preview(raw, self.encoding)}"
                 )
             for column, value in zip(self.columns, fields):
                 if column.kind != "str" and not _parses(value, column.kind):
-                    raise DataError(f"{prefix}: {column.name} must be {_KIND_WORDS[column.kind]}, found {value[:40]!r}")
-        raise DataError(f"{self.where}: cannot parse ({parser_message})")
+                    return DataError(f"{prefix}: {column.name} must be {_KIND_WORDS[column.kind]}, found {value[:40]!r}")
+        return DataError(f"{self.where}: cannot parse ({parser_message})")
 
 
 def _parses(value: str, kind: str) -> bool:
