@@ -146,7 +146,9 @@ class DelimitedFile:
                 )
             for column, value in zip(self.columns, fields):
                 if column.kind != "str" and not _parses(value, column.kind):
-                    return DataError(f"{prefix}: {column.name} must be {_KIND_WORDS[column.kind]}, found {value[:40]!r}")
+                    return DataError(
+                        f"{prefix}: {column.name} must be {_KIND_WORDS[column.kind]}, found {value[:40]!r}"
+                    )
         return DataError(f"{self.where}: cannot parse ({parser_message})")
 
 
