@@ -43,7 +43,7 @@ import nvtabular as nvt  # noqa: E402
 from merlin.schema import Tags  # noqa: E402
 from nvtabular import ops  # noqa: E402
 
-from pipeline.ops import FillUnknown, KFoldTargetEncoding  # noqa: E402
+from pipeline.ops import ColumnTags, FillUnknown, KFoldTargetEncoding, ListValueCount  # noqa: E402
 
 VARIANTS = ("ml-100k", "ml-1m", "ml-25m")
 TARGET = "rating"
@@ -92,31 +92,43 @@ def movielens_workflow(
     if variant != "ml-25m" and users is None:
         raise ValueError(f"{variant} needs its user table")
 
+    # The graph is two chains (categorical features, target encodings) rather than one branch per tag
+    # set: merlin's executor re-runs a branch's whole upstream for every branch, so every extra branch
+    # off Categorify or JoinExternal costs a full pass over the data.
+    user_features = list(USER_FEATURES) if users is not None else []
     movies = movies[["movieId", *ITEM_FEATURES]]
     joined = ["userId", "movieId"] >> ops.JoinExternal(movies, on=["movieId"])
-    user_features: list[str] = []
     if users is not None:
-        user_features = list(USER_FEATURES)
-        joined = joined >> ops.JoinExternal(users[["userId", *user_features]], on=["userId"])
-    joined = joined >> FillUnknown()
+        users = users[["userId", *user_features]]
+        joined = joined >> ops.JoinExternal(users, on=["userId"])
+    tags = {
+        "userId": [Tags.USER_ID, Tags.USER],
+        "movieId": [Tags.ITEM_ID, Tags.ITEM],
+        **{name: [Tags.ITEM] for name in ITEM_FEATURES},
+        **{name: [Tags.USER] for name in user_features},
+    }
+    categorical = (
+        joined
+        >> FillUnknown()
+        >> ops.Categorify(dtype="int32", out_path=str(out_path))
+        >> ListValueCount()
+        >> ColumnTags(tags)
+    )
 
-    categorical = joined >> ops.Categorify(dtype="int32", out_path=str(out_path))
-    user_id = categorical["userId"] >> ops.AddMetadata(tags=[Tags.USER_ID, Tags.USER])
-    item_id = categorical["movieId"] >> ops.AddMetadata(tags=[Tags.ITEM_ID, Tags.ITEM])
-    title = categorical["title"] >> ops.AddMetadata(tags=[Tags.ITEM])
-    genres = categorical["genres"] >> ops.ValueCount() >> ops.AddMetadata(tags=[Tags.ITEM])
-    features = user_id + item_id + title + genres
-    if user_features:
-        features = features + (categorical[user_features] >> ops.AddMetadata(tags=[Tags.USER]))
-
+    # Target encodings need only the user side (the movie side table carries the heavy list column).
+    te_source = ["userId", "movieId"]
+    if users is not None:
+        te_source = te_source >> ops.JoinExternal(users, on=["userId"]) >> FillUnknown()
     encoded = (
-        joined[["userId", "movieId", *user_features]]
+        te_source
         >> KFoldTargetEncoding(TARGET, kfold=kfold, p_smooth=p_smooth, seed=seed)
         >> ops.Normalize(out_dtype="float32")
+        >> ColumnTags(
+            {f"TE_{name}_{TARGET}": [Tags.ITEM if name == "movieId" else Tags.USER]
+             for name in ["userId", "movieId", *user_features]}
+        )
     )
-    te_user = [f"TE_{c}_{TARGET}" for c in ["userId", *user_features]]
-    features = features + (encoded[te_user] >> ops.AddMetadata(tags=[Tags.USER]))
-    features = features + (encoded[[f"TE_movieId_{TARGET}"]] >> ops.AddMetadata(tags=[Tags.ITEM]))
+    features = categorical + encoded
 
     rating_binary = (
         [TARGET]

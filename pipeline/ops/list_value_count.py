@@ -1,0 +1,43 @@
+"""``ListValueCount``: NVTabular's ``ValueCount`` (min/max list length in the schema) with a lazy fit.
+
+``nvtabular.ops.ValueCount.fit`` calls ``.compute()`` twice per selected column, each a full pass
+over the upstream graph outside the workflow's shared fit graph (~15 s on 1M MovieLens ratings).
+This version returns one delayed per-partition reduction, computed together with the other
+statistics of its fit phase. Non-list columns are ignored; the schema properties are ValueCount's
+(``value_count: {min, max}``), which a model reads to pad list features to a fixed length.
+"""
+
+from __future__ import annotations
+
+import dask
+from merlin.core.dispatch import is_list_dtype
+from merlin.dag import ColumnSelector
+from nvtabular.ops import ValueCount
+
+
+class ListValueCount(ValueCount):
+    """Record ``value_count`` min/max of each selected list column; transform passes data through."""
+
+    def fit(self, col_selector: ColumnSelector, ddf):
+        parts = [dask.delayed(_length_range)(part, col_selector.names) for part in ddf.to_delayed()]
+        return dask.delayed(_combine)(parts)
+
+
+def _length_range(df, columns) -> dict[str, tuple[int, int]]:
+    """(min, max) list length per list column of one partition."""
+    out = {}
+    for name in columns:
+        series = df[name]
+        if len(series) and is_list_dtype(series):
+            lengths = series.list.len() if hasattr(series, "list") else series.map(len)
+            out[name] = (int(lengths.min()), int(lengths.max()))
+    return out
+
+
+def _combine(parts: list[dict[str, tuple[int, int]]]) -> dict[str, dict]:
+    stats: dict[str, dict] = {}
+    for part in parts:
+        for name, (low, high) in part.items():
+            counts = stats.setdefault(name, {"value_count": {"min": low, "max": high}})["value_count"]
+            counts["min"], counts["max"] = min(counts["min"], low), max(counts["max"], high)
+    return stats

@@ -1,0 +1,184 @@
+"""The MovieLens workflow and our operators on small hand-made frames (the RawMovieLens shapes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import pipeline  # noqa: F401  (dask config before nvtabular)
+import nvtabular as nvt  # noqa: E402
+from merlin.schema import Tags  # noqa: E402
+
+from pipeline.ops import KFoldTargetEncoding, out_of_fold  # noqa: E402
+from pipeline.ops.target_encoding import fold_ids  # noqa: E402
+from workflows.movielens import movielens_workflow  # noqa: E402
+
+P_SMOOTH = 20
+
+
+def side_tables(n_users=60, n_movies=40, seed=0):
+    rng = np.random.default_rng(seed)
+    users = pd.DataFrame(
+        {
+            "userId": np.arange(1, n_users + 1, dtype="int64"),
+            "gender": rng.choice(["M", "F"], n_users),
+            "age": rng.choice([1, 18, 25, 35, 45, 50, 56], n_users).astype("int64"),
+            "occupation": rng.integers(0, 21, n_users).astype("int64"),
+            "zipcode": [f"{z:05d}" for z in rng.integers(0, 30, n_users)],
+        }
+    )
+    genre_names = ["Action", "Comedy", "Drama", "Film-Noir", "Sci-Fi"]
+    movies = pd.DataFrame(
+        {
+            "movieId": np.arange(1, n_movies + 1, dtype="int64"),
+            "title": [f"Misérables, Les {i} (1995)" for i in range(n_movies)],
+            "genres": [list(rng.choice(genre_names, rng.integers(1, 4), replace=False)) for _ in range(n_movies)],
+        }
+    )
+    return users, movies
+
+
+def ratings_for(users, movies, n=1500, seed=0):
+    rng = np.random.default_rng(seed)
+    pairs = rng.choice(len(users) * len(movies), n, replace=False)
+    return pd.DataFrame(
+        {
+            "userId": users["userId"].to_numpy()[pairs // len(movies)],
+            "movieId": movies["movieId"].to_numpy()[pairs % len(movies)],
+            "rating": rng.integers(1, 6, n).astype("float32"),
+            "timestamp": np.arange(n, dtype="int64"),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A fitted ml-1m-shaped workflow and its training ratings."""
+    users, movies = side_tables()
+    train = ratings_for(users, movies)
+    workflow = movielens_workflow("ml-1m", movies, users, out_path=tmp_path_factory.mktemp("cats"), seed=3)
+    with out_of_fold(workflow):
+        workflow.fit(nvt.Dataset(train))
+    return workflow, train, users, movies
+
+
+def test_output_columns_dtypes_and_tags(fitted):
+    workflow, train, _, _ = fitted
+    schema = workflow.output_schema
+    assert schema.column_names == [
+        "userId", "movieId", "title", "genres", "gender", "age", "occupation", "zipcode",
+        "TE_userId_rating", "TE_movieId_rating", "TE_gender_rating", "TE_age_rating",
+        "TE_occupation_rating", "TE_zipcode_rating", "rating_binary", "rating",
+    ]  # fmt: skip
+    assert schema.select_by_tag(Tags.USER_ID).column_names == ["userId"]
+    assert schema.select_by_tag(Tags.ITEM_ID).column_names == ["movieId"]
+    assert set(schema.select_by_tag(Tags.CATEGORICAL).column_names) == {
+        "userId", "movieId", "title", "genres", "gender", "age", "occupation", "zipcode"
+    }  # fmt: skip
+    assert set(schema.select_by_tag(Tags.CONTINUOUS).column_names) == {
+        c for c in schema.column_names if c.startswith("TE_")
+    }
+    assert schema.select_by_tag(Tags.BINARY_CLASSIFICATION).column_names == ["rating_binary"]
+    assert schema.select_by_tag(Tags.REGRESSION).column_names == ["rating"]
+    assert Tags.ITEM in schema["TE_movieId_rating"].tags and Tags.USER in schema["TE_zipcode_rating"].tags
+    assert Tags.ITEM in schema["genres"].tags and Tags.USER in schema["occupation"].tags
+
+    out = workflow.transform(nvt.Dataset(train)).to_ddf().compute()
+    for name in ["userId", "movieId", "title", "gender", "age", "occupation", "zipcode", "rating_binary"]:
+        assert out[name].dtype == np.int32, name
+    assert all(np.asarray(v).dtype == np.int32 for v in out["genres"])
+    assert out["rating"].dtype == np.float32 and out["TE_userId_rating"].dtype == np.float32
+    np.testing.assert_array_equal(out["rating_binary"], (train["rating"] > 3).astype("int32"))
+
+    genres = schema["genres"]
+    assert genres.is_list
+    lengths = fitted[3]["genres"].map(len)
+    assert genres.properties["value_count"] == {"min": int(lengths.min()), "max": int(lengths.max())}
+    # Categorify: 0 padding, 1 null, 2 out-of-vocabulary, then the values seen in training.
+    assert schema["gender"].properties["embedding_sizes"]["cardinality"] == 3 + 2
+    assert schema["userId"].properties["embedding_sizes"]["cardinality"] == 3 + train["userId"].nunique()
+
+
+def test_variant_and_user_table_must_agree():
+    users, movies = side_tables()
+    with pytest.raises(ValueError, match="no user table"):
+        movielens_workflow("ml-25m", movies, users, out_path="x")
+    with pytest.raises(ValueError, match="unknown MovieLens variant"):
+        movielens_workflow("ml-10m", movies, users, out_path="x")
+    with pytest.raises(ValueError, match="needs its user table"):
+        movielens_workflow("ml-1m", movies, None, out_path="x")
+
+
+def test_ml25m_has_no_user_features(tmp_path):
+    users, movies = side_tables()
+    train = ratings_for(users, movies, n=300)
+    workflow = movielens_workflow("ml-25m", movies, None, out_path=tmp_path)
+    workflow.fit(nvt.Dataset(train))
+    assert workflow.output_schema.column_names == [
+        "userId", "movieId", "title", "genres", "TE_userId_rating", "TE_movieId_rating", "rating_binary", "rating"
+    ]  # fmt: skip
+
+
+def test_unseen_user_and_movie_land_on_out_of_vocabulary_rows(fitted):
+    workflow, train, users, movies = fitted
+    known_user, known_movie = int(train["userId"].iloc[0]), int(train["movieId"].iloc[0])
+    requests = pd.DataFrame(
+        {
+            "userId": np.array([known_user, 10_000, 10_001], dtype="int64"),
+            "movieId": np.array([99_999, known_movie, 99_998], dtype="int64"),
+            "rating": np.array([5.0, 1.0, 3.0], dtype="float32"),
+        }
+    )
+    out = workflow.transform(nvt.Dataset(requests)).to_ddf().compute()
+    oov = 2
+    assert out["movieId"].iloc[0] == oov and out["title"].iloc[0] == oov and list(out["genres"].iloc[0]) == [oov]
+    for name in ["userId", "gender", "age", "occupation", "zipcode"]:
+        assert out[name].iloc[1] == oov, name
+    assert out.iloc[2][["userId", "movieId", "title", "gender", "zipcode"]].tolist() == [oov] * 5
+    # Unseen categories get the training mean, i.e. the same value for both unseen users.
+    assert out["TE_userId_rating"].iloc[1] == out["TE_userId_rating"].iloc[2]
+    assert out["TE_movieId_rating"].iloc[0] == out["TE_movieId_rating"].iloc[2]
+    assert np.isfinite(out.filter(like="TE_").to_numpy()).all()
+
+
+def encode(op: KFoldTargetEncoding, frame: pd.DataFrame, column: str) -> np.ndarray:
+    from merlin.dag import ColumnSelector
+
+    return op.transform(ColumnSelector([column]), frame)[f"TE_{column}_rating"].to_numpy()
+
+
+def test_kfold_target_encoding_matches_nvtabular_smoothing_and_is_out_of_fold():
+    users, movies = side_tables()
+    train = ratings_for(users, movies, n=1200, seed=1)
+    workflow = nvt.Workflow(["userId", "movieId"] >> KFoldTargetEncoding("rating", kfold=5, p_smooth=P_SMOOTH, seed=7))
+    workflow.fit(nvt.Dataset(train))
+    op = workflow.output_node.op
+    mean = train["rating"].mean()
+
+    # Full-train statistics: NVTabular's formula, no rating column needed.
+    stats = train.groupby("userId")["rating"].agg(["sum", "count"])
+    expected = ((stats["sum"] + P_SMOOTH * mean) / (stats["count"] + P_SMOOTH)).reindex(train["userId"]).to_numpy()
+    np.testing.assert_allclose(encode(op, train[["userId", "movieId"]], "userId"), expected, rtol=1e-5)
+
+    # Out-of-fold: each row's encoding uses only rows of the other folds.
+    op.out_of_fold = True
+    folds = fold_ids(train, ["userId", "movieId"], 5, 7)
+    assert set(np.unique(folds)) == set(range(5))
+    got = encode(op, train, "userId")
+    op.out_of_fold = False
+    for row in range(0, len(train), 97):
+        others = train[(folds != folds[row]) & (train["userId"] == train["userId"].iloc[row])]["rating"]
+        want = (others.sum() + P_SMOOTH * mean) / (len(others) + P_SMOOTH)
+        assert got[row] == pytest.approx(want, rel=1e-5)
+    assert not np.allclose(got, expected)
+
+
+def test_fold_of_a_row_does_not_depend_on_batch_composition():
+    users, movies = side_tables()
+    frame = ratings_for(users, movies, n=500)
+    folds = fold_ids(frame, ["userId", "movieId"], 5, 0)
+    shuffled = frame.sample(frac=1.0, random_state=1)
+    np.testing.assert_array_equal(fold_ids(shuffled, ["userId", "movieId"], 5, 0), folds[shuffled.index.to_numpy()])
+    np.testing.assert_array_equal(fold_ids(frame.iloc[100:130], ["userId", "movieId"], 5, 0), folds[100:130])
+    assert (fold_ids(frame, ["userId", "movieId"], 5, 1) != folds).any()  # the seed matters
