@@ -121,7 +121,8 @@ def movielens_workflow(
         te_source = te_source >> ops.JoinExternal(users, on=["userId"]) >> FillUnknown()
     encoded = (
         te_source
-        >> KFoldTargetEncoding(TARGET, kfold=kfold, p_smooth=p_smooth, seed=seed)
+        # float64 into Normalize: its mean/std are then the same whatever the partitioning
+        >> KFoldTargetEncoding(TARGET, kfold=kfold, p_smooth=p_smooth, seed=seed, out_dtype="float64")
         >> ops.Normalize(out_dtype="float32")
         >> ColumnTags(
             {f"TE_{name}_{TARGET}": [Tags.ITEM if name == "movieId" else Tags.USER]
