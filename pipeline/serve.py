@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from pipeline.errors import DataError, PipelineError
 
@@ -159,6 +160,28 @@ class MicroBatcher:
 
 
 # --------------------------------------------------------------------------------------------
+# request bodies
+# --------------------------------------------------------------------------------------------
+
+Id = Annotated[StrictInt, Field(ge=0, le=MAX_ID)]
+
+
+class Pair(BaseModel):
+    """One (userId, movieId) pair of raw MovieLens ids; no other fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    userId: Id
+    movieId: Id
+
+
+class PredictRequest(BaseModel):
+    """``{"pairs": [...]}``: 1 to ``MAX_PAIRS_PER_REQUEST`` pairs."""
+
+    model_config = ConfigDict(extra="forbid")
+    pairs: list[Pair] = Field(min_length=1, max_length=MAX_PAIRS_PER_REQUEST)
+
+
+# --------------------------------------------------------------------------------------------
 # the app
 # --------------------------------------------------------------------------------------------
 
@@ -169,18 +192,6 @@ def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_dela
     from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, ConfigDict, Field, StrictInt
-
-    Id = Annotated[StrictInt, Field(ge=0, le=MAX_ID)]
-
-    class Pair(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        userId: Id
-        movieId: Id
-
-    class PredictRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        pairs: list[Pair] = Field(min_length=1, max_length=MAX_PAIRS_PER_REQUEST)
 
     batcher = MicroBatcher(predictor, max_rows=max_batch_rows, max_delay=max_delay)
 

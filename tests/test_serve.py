@@ -1,0 +1,153 @@
+"""The HTTP service, tested through a real uvicorn server on 127.0.0.1 with a real HTTP client."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+import pipeline  # noqa: F401  (dask settings before nvtabular)
+
+UNSEEN_USER = 10_000_000
+
+
+@pytest.fixture(scope="module")
+def predictor(etl_dir, model_dir):
+    from pipeline.inference import MANIFEST_NAME, Predictor, write_manifest
+
+    if not (model_dir / MANIFEST_NAME).exists():  # until the train stage records the model's checksums
+        write_manifest(model_dir)
+    return Predictor.load(etl_dir, model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(predictor):
+    from pipeline.serve import serve_in_background
+
+    with serve_in_background(predictor, host="127.0.0.1") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def pairs(predictor):
+    rng = np.random.default_rng(0)
+    users = rng.choice(np.arange(1, 450), size=300)  # includes a few ids beyond the 400 known users
+    movies = rng.choice(predictor.candidate_items, size=300)
+    return pd.DataFrame({"userId": users, "movieId": movies})
+
+
+def test_predict_returns_the_predictors_scores_in_request_order(client, predictor, pairs):
+    body = {"pairs": pairs.iloc[:50].to_dict(orient="records")}
+    response = client.post("/predict", json=body)
+
+    assert response.status_code == 200
+    scores = response.json()["scores"]
+    np.testing.assert_allclose(scores, predictor.predict(pairs.iloc[:50]), atol=1e-6)
+
+
+def test_an_unseen_user_gets_a_score(client, predictor, pairs):
+    movie = int(pairs["movieId"].iloc[0])
+    response = client.post("/predict", json={"pairs": [{"userId": UNSEEN_USER, "movieId": movie}]})
+
+    assert response.status_code == 200
+    (score,) = response.json()["scores"]
+    assert 0.0 < score < 1.0
+    assert score == pytest.approx(predictor.predict(pd.DataFrame({"userId": [UNSEEN_USER], "movieId": [movie]}))[0], abs=1e-6)
+
+
+def test_recommend_returns_the_top_k_over_all_movies(client, predictor):
+    response = client.get("/recommend", params={"userId": 7, "k": 10})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["userId"] == 7
+    expected = predictor.recommend(7, k=10)
+    assert [item["movieId"] for item in body["items"]] == [m for m, _ in expected]
+    np.testing.assert_allclose([item["score"] for item in body["items"]], [s for _, s in expected], atol=1e-6)
+
+    fresh = client.get("/recommend", params={"userId": 7, "k": 10, "exclude_rated": "true"}).json()
+    assert [item["movieId"] for item in fresh["items"]] == [m for m, _ in predictor.recommend(7, k=10, exclude_rated=True)]
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"pairs": [{"userId": 1}]}, "pairs[0].movieId: Field required"),
+        ({"pairs": [{"userId": 1, "movieId": 2}, {"userId": "3", "movieId": 4}]}, "pairs[1].userId"),
+        ({"pairs": [{"userId": 1, "movieId": 2.5}]}, "pairs[0].movieId"),
+        ({"pairs": [{"userId": 1, "movieId": 2, "rating": 5}]}, "pairs[0].rating: unexpected field"),
+        ({"pairs": [{"userId": -1, "movieId": 2}]}, "pairs[0].userId"),
+        ({"pairs": []}, "pairs:"),
+        ({"pair": [{"userId": 1, "movieId": 2}]}, "pairs: Field required"),
+    ],
+)
+def test_bad_bodies_get_a_4xx_naming_the_field(client, body, field):
+    response = client.post("/predict", json=body)
+    assert response.status_code == 422
+    assert field in response.json()["error"]
+
+
+def test_malformed_json_and_bad_query_parameters_are_rejected(client):
+    response = client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert "JSON" in response.json()["error"]
+
+    response = client.get("/recommend", params={"userId": "abc"})
+    assert response.status_code == 422 and "userId" in response.json()["error"]
+    response = client.get("/recommend", params={"userId": 1, "k": 0})
+    assert response.status_code == 422 and "k" in response.json()["error"]
+
+
+def test_health_and_metadata(client, predictor):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    meta = client.get("/metadata").json()
+    assert meta["target"] == predictor.target
+    assert set(meta["schema"]) == {i.name for i in predictor.inputs}
+    assert meta["versions"]["nvtabular"] == "23.8.0" and "model" in meta and "workflow" in meta
+
+
+def test_concurrent_clients_get_their_own_answers(server, predictor, pairs):
+    """20 clients x 100 one-pair requests at once: no error, nothing lost, nothing mixed up."""
+    clients, per_client = 20, 100
+    expected = predictor.predict(pairs)
+    answers: dict[tuple[int, int], float] = {}
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def run(client_id: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            for i in range(per_client):
+                row = (client_id * per_client + i) % len(pairs)
+                pair = {"userId": int(pairs["userId"].iloc[row]), "movieId": int(pairs["movieId"].iloc[row])}
+                try:
+                    response = http.post("/predict", json={"pairs": [pair]})
+                    response.raise_for_status()
+                    (score,) = response.json()["scores"]
+                except Exception as err:  # collected and reported below
+                    with lock:
+                        errors.append(f"client {client_id} request {i}: {err!r}")
+                    continue
+                with lock:
+                    answers[(client_id, i)] = score
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert not errors, errors[:5]
+    assert len(answers) == clients * per_client
+    for (client_id, i), score in answers.items():
+        row = (client_id * per_client + i) % len(pairs)
+        assert score == pytest.approx(expected[row], abs=1e-5), (client_id, i)
+    batcher = server.app.state.batcher
+    assert batcher.batches < batcher.requests  # concurrent requests were merged
