@@ -64,7 +64,7 @@ def dask_cluster(device: str, *, workers: int | None = None, scheduler: str | No
 
     if scheduler is not None:
         try:
-            client = Client(scheduler, timeout="10s")
+            client = Client(scheduler)  # timeout: dask config distributed.comm.timeouts.connect
         except (OSError, TimeoutError) as err:
             raise DeviceError(f"cannot connect to the Dask scheduler at {scheduler}: {err}") from err
         logger.info("using the Dask scheduler at %s (%d workers)", scheduler, len(client.scheduler_info()["workers"]))
