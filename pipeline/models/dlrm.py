@@ -25,6 +25,7 @@ def DLRMModel(
     *,
     embedding_dims: Mapping[str, int] | None = None,
     combiner: str = "mean",
+    embeddings_l2: float = 0.0,
 ) -> Model:
     """DLRM on every input of ``schema``.
 
@@ -32,6 +33,7 @@ def DLRMModel(
     continuous columns -> ``bottom_block`` (its last width must be ``embedding_dim``); pairwise dot
     products of all those vectors, concatenated with the bottom output -> ``top_block`` -> one head
     per target (``prediction_tasks``, default: a head for every TARGET column of the schema).
+    ``embeddings_l2`` penalizes the squared norm of the embeddings used in each batch.
 
     Returns a compiled-ready ``Model``.
     """
@@ -45,7 +47,8 @@ def DLRMModel(
         heads = list(prediction_tasks)
 
     inputs = schema.excluding_by_tag(Tags.TARGET)
-    embeddings = EmbeddingFeatures.from_schema(inputs, embedding_dim, embedding_dims=embedding_dims, combiner=combiner)
+    embeddings = EmbeddingFeatures.from_schema(inputs, embedding_dim, embedding_dims=embedding_dims, combiner=combiner,
+                                             l2_regularization=embeddings_l2)
     dims = {spec["dim"] for spec in embeddings.tables_config.values()}
     if len(dims) != 1:
         raise ValueError(f"DLRM's dot products need one embedding width, got {sorted(dims)}")

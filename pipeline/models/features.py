@@ -53,14 +53,18 @@ class EmbeddingFeatures(Block):
     Args:
         tables: feature name -> ``{"cardinality": int, "dim": int, "is_list": bool}``.
         combiner: how list features are reduced to one vector.
+        l2_regularization: weight of an L2 penalty on the embeddings looked up in each batch
+            (the rows actually used, so frequent ids are regularized more: the usual recsys choice,
+            and cheaper than penalizing whole tables every step).
     """
 
-    def __init__(self, tables: Mapping[str, Mapping], combiner: str = "mean", **kwargs):
+    def __init__(self, tables: Mapping[str, Mapping], combiner: str = "mean", l2_regularization: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if combiner not in COMBINERS:
             raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
         self.tables_config = {name: dict(spec) for name, spec in tables.items()}
         self.combiner = combiner
+        self.l2_regularization = float(l2_regularization)
         self.feature_names = list(self.tables_config)
         self.embeddings = {
             name: keras.layers.Embedding(
@@ -82,6 +86,7 @@ class EmbeddingFeatures(Block):
         tags=Tags.CATEGORICAL,
         combiner: str = "mean",
         include_lists: bool = True,
+        l2_regularization: float = 0.0,
         **kwargs,
     ) -> "EmbeddingFeatures":
         """One table per categorical (non-target) column of ``schema``.
@@ -112,11 +117,16 @@ class EmbeddingFeatures(Block):
             return summed
         return summed / ops.maximum(ops.sum(mask, axis=1), 1.0)
 
-    def call(self, inputs):
-        return {name: self.lookup(name, inputs[name]) for name in self.feature_names}
+    def call(self, inputs, training=None):
+        out = {name: self.lookup(name, inputs[name]) for name in self.feature_names}
+        if training and self.l2_regularization:
+            penalty = sum(ops.mean(ops.sum(ops.square(v), axis=-1)) for v in out.values())
+            self.add_loss(self.l2_regularization * penalty)
+        return out
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "tables": self.tables_config, "combiner": self.combiner}
+        return {**super().get_config(), "tables": self.tables_config, "combiner": self.combiner,
+                "l2_regularization": self.l2_regularization}
 
 
 @register

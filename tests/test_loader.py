@@ -1,0 +1,125 @@
+"""The Keras 3 Loader over merlin's dataloader, on the real ETL output (parquet + schema.pbtxt)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import pipeline  # noqa: F401
+from pipeline.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def valid(etl_dir):
+    from merlin.io import Dataset
+
+    return Dataset(str(etl_dir / "valid"), engine="parquet")
+
+
+@pytest.fixture(scope="module")
+def valid_frame(etl_dir) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(p) for p in sorted((etl_dir / "valid").glob("*.parquet"))], ignore_index=True)
+
+
+def epoch_rows(loader, *columns) -> list[tuple]:
+    """Every (column values...) row of one epoch, in the order the loader produced them."""
+    rows = []
+    for index in range(len(loader)):
+        features, _ = loader[index]
+        rows.extend(zip(*(features[c].numpy()[:, 0].tolist() for c in columns)))
+    return rows
+
+
+def test_one_epoch_yields_every_row_once_in_fixed_size_batches(valid, valid_frame):
+    from pipeline.loader import Loader
+
+    loader = Loader(valid, 1000, shuffle=True, seed=0)
+    assert len(loader) == -(-len(valid_frame) // 1000)
+    features, targets = loader[0]
+    assert features["userId"].shape == (1000, 1)
+    assert set(targets) == {"rating_binary", "rating"}  # both TARGET-tagged columns, by tag
+    assert "rating" not in features and "rating_binary" not in features
+
+    seen = sorted(epoch_rows(loader, "userId", "movieId"))
+    expected = sorted(zip(valid_frame["userId"].tolist(), valid_frame["movieId"].tolist()))
+    assert seen == expected
+
+
+def test_reshuffles_every_epoch_and_the_seed_fixes_the_order(valid):
+    from pipeline.loader import Loader
+
+    loader = Loader(valid, 512, shuffle=True, seed=7)
+    first = epoch_rows(loader, "userId", "movieId")
+    loader.on_epoch_end()
+    second = epoch_rows(loader, "userId", "movieId")
+    assert first != second and sorted(first) == sorted(second)
+
+    again = Loader(valid, 512, shuffle=True, seed=7)
+    assert epoch_rows(again, "userId", "movieId") == first
+    other_seed = Loader(valid, 512, shuffle=True, seed=8)
+    assert epoch_rows(other_seed, "userId", "movieId") != first
+
+
+def test_unshuffled_order_is_the_file_order(valid, valid_frame):
+    from pipeline.loader import Loader
+
+    loader = Loader(valid, 999, shuffle=False)
+    assert epoch_rows(loader, "userId", "movieId") == list(zip(valid_frame["userId"], valid_frame["movieId"]))
+
+
+def test_list_column_is_padded_to_the_schema_width_with_zeros(valid, valid_frame):
+    from pipeline.loader import Loader
+
+    loader = Loader(valid, 256, shuffle=False, targets=["rating_binary"])
+    width = loader.list_widths["genres"]
+    assert width >= max(len(g) for g in valid_frame["genres"])
+    features, target = loader[0]
+    assert features["genres"].shape == (256, width)
+    for row, genres in zip(features["genres"].numpy(), valid_frame["genres"][:256]):
+        assert row.tolist() == list(genres) + [0] * (width - len(genres))
+    # one named target -> a (batch, 1) float tensor with the column's values
+    np.testing.assert_array_equal(target.numpy()[:, 0], valid_frame["rating_binary"][:256].to_numpy(np.float32))
+
+
+def test_features_only_for_prediction(valid):
+    from pipeline.loader import Loader
+
+    loader = Loader(valid, 128, include_targets=False, features=["userId", "TE_movieId_rating"])
+    batch = loader[0]
+    assert set(batch) == {"userId", "TE_movieId_rating"}
+    assert batch["TE_movieId_rating"].dtype.name == "float32"
+
+
+def test_a_plain_keras_model_trains_on_the_loader(valid):
+    import keras
+
+    from pipeline.loader import Loader
+
+    loader = Loader(valid, 1024, shuffle=True, features=["TE_movieId_rating", "TE_userId_rating"], targets=["rating_binary"])
+    inputs = {name: keras.Input((1,), name=name) for name in loader.feature_names}
+    hidden = keras.layers.Concatenate()([inputs[n] for n in loader.feature_names])
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(hidden))
+    model.compile("adam", "binary_crossentropy")
+    history = model.fit(loader, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2
+    assert history.history["loss"][1] < history.history["loss"][0]
+
+
+def test_clear_errors_for_missing_columns_and_empty_data(valid, etl_dir, tmp_path):
+    from merlin.io import Dataset
+
+    from pipeline.loader import Loader
+
+    with pytest.raises(DataError, match="no_such_column"):
+        Loader(valid, 16, features=["userId", "no_such_column"])
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    frame = pd.read_parquet(next((etl_dir / "valid").glob("*.parquet")))
+    frame.iloc[:0].to_parquet(empty / "part_0.parquet")
+    shutil.copy(etl_dir / "valid" / "schema.pbtxt", empty / "schema.pbtxt")
+    with pytest.raises(DataError, match="empty"):
+        Loader(Dataset(str(empty), engine="parquet"), 16)
