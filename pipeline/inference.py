@@ -218,6 +218,84 @@ class _ModelInput:
 
 
 # --------------------------------------------------------------------------------------------
+# Per-entity feature cache
+# --------------------------------------------------------------------------------------------
+
+
+class FeatureCache:
+    """The serving graph's outputs for every known user and movie, looked up instead of recomputed.
+
+    Every feature of the MovieLens workflow is a function of one request column: the user's
+    (userId code, demographics, their encodings) or the movie's (movieId code, title, genres, its
+    encoding). ``build`` runs the serving graph once over all known ids, finds which request column
+    each feature follows (it must not change when the other ids change, checked against several
+    reference ids), and verifies the lookup against the graph on random pairs: any difference, or a
+    feature that follows no single column, and no cache is used. Ids outside the tables (unseen
+    users / movies) always go through the graph. The cache holds ready model-input arrays, so a
+    request costs a ``searchsorted`` and a gather per feature.
+    """
+
+    def __init__(self, keys: dict[str, np.ndarray], tables: dict[str, dict[str, np.ndarray]]):
+        self.keys = keys  # request column -> sorted known raw ids
+        self.tables = tables  # request column -> {output name -> array, one row per known id}
+
+    @classmethod
+    def build(cls, predictor: "Predictor", *, references: int = 4, checks: int = 1024, seed: int = 0) -> "FeatureCache | None":
+        """The cache for ``predictor``, or ``None`` (logged) if its features do not split by request column."""
+        rng = np.random.default_rng(seed)
+        columns = predictor.request_columns
+        keys = {k: _known_ids(predictor.workflow, k) for k in columns}
+        wanted = [i.name for i in predictor.inputs] + [c for c in columns if c in predictor.serving.output_schema.column_names]
+        owner: dict[str, str] = {}
+        tables: dict[str, dict[str, np.ndarray]] = {}
+        for key in columns:
+            ids = keys[key]
+            others = {k: rng.choice(keys[k], size=min(references, len(keys[k])), replace=False) for k in columns if k != key}
+            n_refs = max((len(v) for v in others.values()), default=1)
+            frame = pd.DataFrame({key: np.tile(ids, n_refs),
+                                  **{k: np.repeat(v[np.arange(n_refs) % len(v)], len(ids)) for k, v in others.items()}})
+            arrays = predictor._arrays(predictor.transform(frame[columns]), wanted)
+            blocks = {name: np.split(a, n_refs) for name, a in arrays.items()}
+            tables[key] = {}
+            for name, parts in blocks.items():
+                if all(np.array_equal(parts[0], p) for p in parts[1:]):
+                    owner.setdefault(name, key)
+                    if owner[name] == key:
+                        tables[key][name] = parts[0]
+        free = [n for n in wanted if n not in owner]
+        if free:
+            logger.warning("no feature cache: %s depend on more than one request column", free)
+            return None
+        cache = cls(keys, tables)
+        sample = pd.DataFrame({k: rng.choice(keys[k], size=checks) for k in columns})
+        expected = predictor._arrays(predictor.transform(sample), wanted)
+        got, found = cache.lookup(sample)
+        bad = [n for n in wanted if not np.array_equal(expected[n], got[n])]
+        if not found.all() or bad:
+            logger.warning("no feature cache: looked-up features %s differ from the workflow's", bad)
+            return None
+        logger.info("feature cache: %s", {k: len(v) for k, v in keys.items()})
+        return cache
+
+    def lookup(self, df: pd.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """``(arrays, found)``: cached outputs for the rows of ``df`` whose ids are all known (``found``);
+        the other rows hold arbitrary values and must be computed by the graph."""
+        found = np.ones(len(df), dtype=bool)
+        positions = {}
+        for key, ids in self.keys.items():
+            values = df[key].to_numpy()
+            pos = np.searchsorted(ids, values)
+            pos[pos >= len(ids)] = 0
+            found &= ids[pos] == values
+            positions[key] = pos
+        arrays = {}
+        for key, table in self.tables.items():
+            for name, values in table.items():
+                arrays[name] = values[positions[key]]
+        return arrays, found
+
+
+# --------------------------------------------------------------------------------------------
 # Predictor
 # --------------------------------------------------------------------------------------------
 
@@ -247,12 +325,17 @@ class Predictor:
         self._lock = threading.RLock()
         self._candidates: np.ndarray | None = None
         self._rated: dict[int, np.ndarray] | None = None
+        self.cache: FeatureCache | None = None
 
     # ---- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, etl_dir: str | Path, model_dir: str | Path) -> "Predictor":
-        """Verify checksums, load ``etl_dir/workflow`` and ``model_dir/model.keras``, check they match."""
+    def load(cls, etl_dir: str | Path, model_dir: str | Path, *, feature_cache: bool = True) -> "Predictor":
+        """Verify checksums, load ``etl_dir/workflow`` and ``model_dir/model.keras``, check they match.
+
+        ``feature_cache``: precompute the serving graph's per-user and per-movie outputs
+        (``FeatureCache``, verified against the graph) so requests skip the graph for known ids.
+        """
         import pipeline  # noqa: F401  (dask settings before nvtabular)
         import nvtabular as nvt
         from merlin.schema import Tags
@@ -298,8 +381,12 @@ class Predictor:
         }
         logger.info("loaded workflow %s and model %s (%d features, target %s)",
                     workflow_dir, model_file, len(inputs), target)
-        return cls(workflow=workflow, serving=serving, model=model, inputs=inputs, target=target,
-                   etl_dir=etl_dir, model_dir=model_dir, metadata=metadata)
+        predictor = cls(workflow=workflow, serving=serving, model=model, inputs=inputs, target=target,
+                        etl_dir=etl_dir, model_dir=model_dir, metadata=metadata)
+        if feature_cache:
+            predictor.cache = FeatureCache.build(predictor)
+        predictor.metadata["feature_cache"] = predictor.cache is not None
+        return predictor
 
     # ---- request validation ---------------------------------------------------------------
 
@@ -343,21 +430,50 @@ class Predictor:
 
     def model_inputs(self, transformed: pd.DataFrame) -> dict[str, np.ndarray]:
         """Transformed rows -> the model's input arrays: ``(rows, 1)``, or ``(rows, width)`` for lists."""
+        return self._arrays(transformed, [i.name for i in self.inputs])
+
+    def _arrays(self, transformed: pd.DataFrame, names: list[str]) -> dict[str, np.ndarray]:
+        specs = {i.name: i for i in self.inputs}
         arrays = {}
-        for spec in self.inputs:
-            if spec.name not in transformed.columns:
-                raise ArtifactError(f"the serving workflow does not produce model input {spec.name!r}")
-            column = transformed[spec.name]
-            if spec.width is not None:
-                arrays[spec.name] = _pad_lists(column, spec.width, spec.dtype)
+        for name in names:
+            if name not in transformed.columns:
+                raise ArtifactError(f"the serving workflow does not produce model input {name!r}")
+            column = transformed[name]
+            spec = specs.get(name)
+            if spec is None:  # not a model input (an encoded request id): as produced
+                arrays[name] = column.to_numpy()
+            elif spec.width is not None:
+                arrays[name] = _pad_lists(column, spec.width, spec.dtype)
             else:
-                arrays[spec.name] = column.to_numpy(dtype=spec.dtype).reshape(-1, 1)
+                arrays[name] = column.to_numpy(dtype=spec.dtype).reshape(-1, 1)
+        return arrays
+
+    def features(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Raw request rows -> model input arrays plus the encoded request columns (same order).
+
+        Known ids come from the ``FeatureCache`` when there is one, the rest from the serving graph.
+        """
+        df = self.validate(df)
+        names = [i.name for i in self.inputs] + [c for c in self.request_columns
+                                                 if c in self.serving.output_schema.column_names]
+        if not len(df):
+            return {n: np.zeros((0,), dtype=np.int64) for n in names}
+        if self.cache is None:
+            return self._arrays(self.transform(df), names)
+        arrays, found = self.cache.lookup(df)
+        if not found.all():
+            missing = np.flatnonzero(~found)
+            computed = self._arrays(self.transform(df.iloc[missing].reset_index(drop=True)), names)
+            for name in names:
+                arrays[name] = arrays[name].copy()
+                arrays[name][missing] = computed[name]
         return arrays
 
     def score_inputs(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """Model inputs -> float32 scores of shape ``(rows,)``."""
+        arrays = {i.name: arrays[i.name] for i in self.inputs}
         with self._lock:
-            out = self.model(arrays, training=False)
+            out = self.model.predict_on_batch(arrays)
         if isinstance(out, dict):
             out = out[self.target] if self.target in out else next(iter(out.values()))
         elif isinstance(out, (list, tuple)):
@@ -366,10 +482,10 @@ class Predictor:
 
     def predict(self, df: pd.DataFrame) -> np.ndarray:
         """Scores for raw rows ``df`` (columns exactly ``request_columns``): float32, shape ``(len(df),)``."""
-        transformed = self.transform(df)
-        if not len(transformed):
+        arrays = self.features(df)
+        if not len(df):
             return np.zeros(0, dtype=np.float32)
-        return self.score_inputs(self.model_inputs(transformed))
+        return self.score_inputs(arrays)
 
     # ---- recommendation -------------------------------------------------------------------
 
@@ -388,12 +504,12 @@ class Predictor:
         """
         items = self.candidate_items
         frame = pd.DataFrame({"userId": np.full(len(items), user_id, dtype=REQUEST_DTYPE), "movieId": items})
-        transformed = self.transform(frame)
-        scores = self.score_inputs(self.model_inputs(transformed))
+        arrays = self.features(frame)
+        scores = self.score_inputs(arrays)
         if exclude_rated:
-            rated = self.rated_codes(int(transformed["userId"].iloc[0]))
+            rated = self.rated_codes(int(np.ravel(arrays["userId"])[0]))
             if len(rated):
-                scores = np.where(np.isin(transformed["movieId"].to_numpy(), rated), -np.inf, scores)
+                scores = np.where(np.isin(np.ravel(arrays["movieId"]), rated), -np.inf, scores)
         k = max(0, min(int(k), int(np.isfinite(scores).sum())))
         top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
         top = top[np.lexsort((items[top], -scores[top]))]

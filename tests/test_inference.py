@@ -35,6 +35,15 @@ def predictor(etl_dir, model_dir):
 
 
 @pytest.fixture(scope="module")
+def graph_predictor(etl_dir, model_dir):
+    """A predictor that runs every request through the serving graph (no feature cache)."""
+    from pipeline.inference import Predictor
+
+    ensure_model_manifest(model_dir)
+    return Predictor.load(etl_dir, model_dir, feature_cache=False)
+
+
+@pytest.fixture(scope="module")
 def raw_valid(synthetic_raw):
     """The raw valid rows exactly as the ETL split them (same split function, same seed)."""
     from pipeline.datasets import read_movielens
@@ -45,17 +54,34 @@ def raw_valid(synthetic_raw):
     return valid
 
 
-def test_raw_valid_rows_score_like_the_processed_parquet(predictor, raw_valid, etl_dir):
+@pytest.mark.parametrize("path", ["feature cache", "serving graph"])
+def test_raw_valid_rows_score_like_the_processed_parquet(predictor, graph_predictor, raw_valid, etl_dir, path):
     from merlin.io import Dataset
 
+    scorer = predictor if path == "feature cache" else graph_predictor
+    assert (scorer.cache is not None) == (path == "feature cache")
     processed = Dataset(str(etl_dir / "valid"), engine="parquet")
-    expected = predictor.model.predict(processed, batch_size=1024, verbose=0)
-    expected = np.asarray(expected[predictor.target] if isinstance(expected, dict) else expected).reshape(-1)
+    expected = scorer.model.predict(processed, batch_size=1024, verbose=0)
+    expected = np.asarray(expected[scorer.target] if isinstance(expected, dict) else expected).reshape(-1)
 
-    scores = predictor.predict(raw_valid[["userId", "movieId"]])
+    scores = scorer.predict(raw_valid[["userId", "movieId"]])
 
     assert scores.shape == (len(raw_valid),) == expected.shape
     np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=0)
+
+
+def test_the_feature_cache_matches_the_serving_graph_on_known_and_unseen_ids(predictor, graph_predictor):
+    rng = np.random.default_rng(3)
+    users = np.concatenate([rng.integers(1, 400, 500), [UNSEEN_USER] * 5, rng.integers(1, 400, 5)])
+    movies = np.concatenate([rng.choice(predictor.candidate_items, 500), rng.choice(predictor.candidate_items, 5),
+                             [UNSEEN_MOVIE] * 5])
+    pairs = pd.DataFrame({"userId": users, "movieId": movies})
+
+    cached, graph = predictor.features(pairs), graph_predictor.features(pairs)
+    assert cached.keys() == graph.keys()
+    for name in cached:
+        np.testing.assert_array_equal(cached[name], graph[name], err_msg=name)
+    np.testing.assert_array_equal(predictor.predict(pairs), graph_predictor.predict(pairs))
 
 
 def test_a_pair_scores_the_same_wherever_it_sits_in_a_batch(predictor, raw_valid):
