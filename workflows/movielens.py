@@ -110,8 +110,10 @@ def movielens_workflow(
     categorical = (
         joined
         >> FillUnknown()
-        >> ops.Categorify(dtype="int32", out_path=str(out_path))
+        # list lengths are the same before and after Categorify (which keeps the property); fitting
+        # them here shares the fit phase with Categorify instead of re-running it in a second phase
         >> ListValueCount()
+        >> ops.Categorify(dtype="int32", out_path=str(out_path))
         >> ColumnTags(tags)
     )
 
