@@ -6,6 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= data/synthetic
 SEED   ?= 0
+EPOCHS ?= 3
 
 .PHONY: setup run test lock clean
 
@@ -18,8 +19,13 @@ $(STAMP): requirements/lock.txt pyproject.toml
 
 setup: $(STAMP)
 
+# The main job on the embedded default data (synthetic, ML-1M format and size): ETL, train + evaluate
+# DLRM, then score example requests (incl. an unseen user and movie) through the saved workflow.
 run: setup
 	$(BIN)/python -m pipeline etl --dataset synthetic --out $(DATA)/etl --seed $(SEED)
+	$(BIN)/python -m pipeline train --data $(DATA)/etl --out $(DATA)/models/dlrm --epochs $(EPOCHS) --seed $(SEED)
+	$(BIN)/python -m pipeline predict --data $(DATA)/etl --model $(DATA)/models/dlrm \
+		--input examples/requests.csv --output $(DATA)/predictions.parquet
 
 test: setup
 	$(BIN)/python -m pytest -q
