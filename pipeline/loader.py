@@ -37,6 +37,26 @@ logger = logging.getLogger(__name__)
 PAD_ID = 0
 
 
+def list_columns(dataset: Dataset) -> set[str]:
+    """Columns that hold lists in the data itself.
+
+    Read from the first parquet file's arrow schema (no data read), because a schema.pbtxt can
+    call a scalar column a list (a ``value_count`` property on it turns ``is_list`` on); falls
+    back to the schema for non-parquet datasets.
+    """
+    path0 = getattr(dataset.engine, "_path0", None)
+    if path0:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            arrow_schema = pq.read_schema(path0, filesystem=getattr(dataset.engine, "fs", None))
+            return {f.name for f in arrow_schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)}
+        except (OSError, TypeError, ValueError):
+            pass
+    return {col.name for col in dataset.schema if col.is_list}
+
+
 def list_max_lengths(dataset: Dataset, names: Iterable[str]) -> dict[str, int]:
     """Fixed width of each list column: the schema's ``value_count.max``, else the data's longest list."""
     widths = {}
@@ -115,9 +135,8 @@ class Loader(keras.utils.PyDataset):
         self.feature_names = list(features)
         self.target_names = list(targets)
         self.schema: Schema = schema.select_by_name([*self.feature_names, *self.target_names])
-        self.list_widths = list_max_lengths(
-            dataset, [n for n in self.feature_names if self.schema[n].is_list]
-        )
+        lists = list_columns(dataset)
+        self.list_widths = list_max_lengths(dataset, [n for n in self.feature_names if n in lists])
         self._epoch = 0
 
         # The merlin loader reads only schema columns and treats TARGET-tagged ones as labels:
@@ -161,7 +180,10 @@ class Loader(keras.utils.PyDataset):
         if index == 0:
             self._restart()
         elif index != self._next_index:
-            raise IndexError(f"Loader is sequential: asked for batch {index}, next is {self._next_index}")
+            raise IndexError(
+                f"Loader streams batches in order (asked for batch {index}, next is {self._next_index}): "
+                "pass shuffle=False to keras fit(); the Loader shuffles rows itself (shuffle=True)"
+            )
         self._next_index = index + 1
         return self._format(self._merlin.__next__())
 

@@ -73,6 +73,14 @@ def _open_split(data_dir: Path, split: str):
         raise DataError(f"{path}: no parquet files (is {data_dir} the output of `python -m pipeline etl`?)")
     if not (path / "schema.pbtxt").is_file():
         raise DataError(f"{path / 'schema.pbtxt'}: missing (the ETL writes it next to the parquet files)")
+    import pyarrow.parquet as pq
+
+    try:
+        rows = sum(pq.read_metadata(p).num_rows for p in sorted(path.glob("*.parquet")))
+    except Exception as err:
+        raise DataError(f"{path}: unreadable parquet file: {err}") from err
+    if rows == 0:
+        raise DataError(f"{path}: the {split} set is empty (0 rows)")
     try:
         return Dataset(str(path), engine="parquet")
     except Exception as err:  # pyarrow / merlin raise many types for corrupt files

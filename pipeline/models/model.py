@@ -135,13 +135,10 @@ class Model(keras.Model):
                     col = schema[name]
                     if col.dtype.element_type.value != "int":
                         raise DataError(f"column {name!r} feeds an embedding table but has dtype {col.dtype.name}, not an integer id")
-                    if bool(layer.tables_config[name].get("is_list")) != bool(col.is_list):
-                        kind = "a list" if col.is_list else "a scalar"
-                        raise DataError(f"column {name!r} is {kind} column in the data, but the model expects otherwise")
             elif isinstance(layer, ContinuousFeatures):
                 for name in layer.feature_names:
                     col = schema[name]
-                    if col.dtype.element_type.value not in ("float", "int") or col.is_list:
+                    if col.dtype.element_type.value not in ("float", "int"):
                         raise DataError(f"column {name!r} is continuous for the model but has dtype {col.dtype.name}")
         for name in self.target_names:
             if schema[name].dtype.element_type.value not in ("float", "int"):
