@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import DataError, PipelineError
+from pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -101,22 +101,13 @@ def locate_raw(dataset: str, raw: Path | None, **synthetic_size) -> Path:
     for candidate in (DATA_DIR / "raw" / dataset, DATA_DIR / "raw" / f"{dataset}.zip"):
         if candidate.exists():
             return candidate
+    from pipeline.datasets import download_movielens
+
+    logger.info("no %s under %s: downloading it", dataset, DATA_DIR / "raw")
     try:
-        from pipeline.datasets import download_movielens
-    except ImportError:
-        download_movielens = None
-    if download_movielens is not None:
-        try:
-            return Path(download_movielens(dataset, DATA_DIR / "raw"))
-        except (OSError, PipelineError) as err:
-            reason = str(err)
-    else:
-        reason = "no download helper is available"
-    raise DataError(
-        f"no raw {dataset} files: {DATA_DIR / 'raw' / dataset} does not exist and the download failed ({reason}). "
-        f"Download https://files.grouplens.org/datasets/movielens/{dataset}.zip elsewhere and either place the zip "
-        f"(or its extracted folder) at {DATA_DIR / 'raw'}/ or pass --raw PATH."
-    )
+        return Path(download_movielens(dataset, DATA_DIR / "raw"))
+    except DataError as err:  # its message says how to provide the files by hand
+        raise DataError(f"no raw {dataset} files at {DATA_DIR / 'raw' / dataset} (or pass --raw PATH); {err}") from None
 
 
 def run_etl(
@@ -171,7 +162,7 @@ def run_etl(
         _check_split(train, valid)
 
     import merlin.io
-    import nvtabular as nvt
+    import nvtabular  # noqa: F401  (imported before the workflow module, outside the timed phases)
 
     from pipeline.datasets.atomic import atomic_dir
     from pipeline.ops import out_of_fold
@@ -187,7 +178,7 @@ def run_etl(
 
         with _phase("fit", seconds, progress), out_of_fold(workflow):
             workflow.fit(train_set)
-        schema = _relocate_paths(workflow.output_schema, fit_dir, out / "workflow")
+        schema = _relocate_paths(workflow.output_schema, fit_dir, out.resolve() / "workflow")
         with _phase("transform_train", seconds, progress), out_of_fold(workflow):
             _write(workflow.transform(train_set), tmp / "train", schema)
         with _phase("transform_valid", seconds, progress):
