@@ -247,3 +247,16 @@ def test_cli_end_to_end(synthetic_raw, tmp_path):
                      "--device", "gpu", cwd=tmp_path)
     assert failed.returncode == 2 and "--device gpu" in failed.stderr and "Traceback" not in failed.stderr
     assert not (tmp_path / "gpu").exists()
+
+
+def test_ml100k_official_split_uses_ua_files(tmp_path):
+    from pipeline.datasets import generate_synthetic
+
+    raw_dir = generate_synthetic(tmp_path / "ml-100k", fmt="ml-100k", seed=0, n_users=120, n_movies=90, n_ratings=6000)
+    raw = read_movielens("ml-100k", raw_dir)
+    summary = run_etl("ml-100k", tmp_path / "out", raw=raw_dir, split="official")
+    base, test = raw.official_split
+    assert summary["rows"] == {"train": len(base), "valid": len(test)}
+    valid = read_parts(tmp_path / "out" / "valid")
+    np.testing.assert_array_equal(valid["rating"], test["rating"])
+    assert set(summary["columns"]) >= {"gender", "age", "occupation", "zipcode", "TE_zipcode_rating"}
