@@ -214,7 +214,7 @@ def _pad_lists(column: pd.Series, width: int, dtype) -> np.ndarray:
 class _ModelInput:
     name: str
     dtype: np.dtype
-    width: int | None  # list columns: fixed width; scalars: None
+    width: int | None  # columns that arrive as lists are padded / cut to this width
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,8 +442,8 @@ class Predictor:
             spec = specs.get(name)
             if spec is None:  # not a model input (an encoded request id): as produced
                 arrays[name] = column.to_numpy()
-            elif spec.width is not None:
-                arrays[name] = _pad_lists(column, spec.width, spec.dtype)
+            elif column.dtype == object:  # list column (whatever the schema says; the data decides)
+                arrays[name] = _pad_lists(column, spec.width or _longest(column), spec.dtype)
             else:
                 arrays[name] = column.to_numpy(dtype=spec.dtype).reshape(-1, 1)
         return arrays
@@ -607,14 +607,17 @@ def _model_inputs(model, trained_schema, etl_dir: Path) -> list[_ModelInput]:
         out = []
         for name, spec in signature.items():
             shape = list(spec.shape)
-            width = int(shape[1]) if len(shape) > 1 and trained_schema.column_schemas.get(name) is not None \
-                and trained_schema[name].is_list else None
+            width = int(shape[1]) if len(shape) > 1 and shape[1] is not None else None
             out.append(_ModelInput(name, np.dtype(spec.dtype.as_numpy_dtype), width))
         return out
     features = trained_schema.excluding_by_tag(Tags.TARGET)
     list_names = [c.name for c in features if c.is_list]
     widths = _list_widths(etl_dir, list_names) if list_names else {}
     return [_ModelInput(c.name, np.dtype(c.dtype.to_numpy), widths.get(c.name)) for c in features]
+
+
+def _longest(column: pd.Series) -> int:
+    return max(1, max((len(v) for v in column), default=1))
 
 
 def _list_widths(etl_dir: Path, names: list[str]) -> dict[str, int]:
@@ -803,12 +806,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, type=Path, help="csv or parquet with raw userId, movieId")
     parser.add_argument("--output", required=True, type=Path, help="parquet: input columns + score")
     parser.add_argument("--batch-size", type=int, default=65_536, help="rows scored per batch (default 65536)")
+    parser.add_argument("--no-feature-cache", action="store_true",
+                        help="run every row through the serving graph instead of the per-user/movie feature cache")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise DataError(f"--batch-size must be positive, got {args.batch_size}")
-    predictor = Predictor.load(args.data, args.model)
+    predictor = Predictor.load(args.data, args.model, feature_cache=not args.no_feature_cache)
     summary = predict_file(predictor, args.input, args.output, batch_size=args.batch_size)
     print(json.dumps(summary, indent=1))
+    if summary["rows"] <= 20:  # a handful of example requests: show their scores
+        print(pd.read_parquet(args.output).to_string(index=False))
     return 0

@@ -322,6 +322,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--max-batch-rows", type=int, default=65_536,
                         help="rows merged into one model call by the micro-batcher (default 65536)")
+    parser.add_argument("--no-feature-cache", action="store_true",
+                        help="run every request through the serving graph instead of the feature cache")
     parser.add_argument("--max-delay-ms", type=float, default=0.0,
                         help="how long the micro-batcher waits for more requests (default 0: merge what is queued)")
 
@@ -331,7 +333,7 @@ def main(args: argparse.Namespace) -> int:
 
     from pipeline.inference import Predictor
 
-    predictor = Predictor.load(args.data, args.model)
+    predictor = Predictor.load(args.data, args.model, feature_cache=not args.no_feature_cache)
     app = create_app(predictor, max_batch_rows=args.max_batch_rows, max_delay=args.max_delay_ms / 1000)
     print(f"serving {args.model} with the workflow of {args.data} on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -151,3 +151,34 @@ def test_concurrent_clients_get_their_own_answers(server, predictor, pairs):
         assert score == pytest.approx(expected[row], abs=1e-5), (client_id, i)
     batcher = server.app.state.batcher
     assert batcher.batches < batcher.requests  # concurrent requests were merged
+
+
+def test_the_serve_command_answers_on_its_port(etl_dir, model_dir, predictor):
+    """``python -m pipeline serve`` as a user runs it: a separate process, queried over HTTP."""
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.serve import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "pipeline", "serve", "--data", str(etl_dir), "--model", str(model_dir),
+               "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.5)
+        response = httpx.post(f"http://127.0.0.1:{port}/predict", json={"pairs": [{"userId": 1, "movieId": 1}]})
+        expected = predictor.predict(pd.DataFrame({"userId": [1], "movieId": [1]}))[0]
+        assert response.json()["scores"] == [pytest.approx(expected, abs=1e-6)]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -1,0 +1,295 @@
+"""Serving benchmark: latency of the HTTP API, batch predict throughput, and the per-request transform
+against NVTabular's naive path, all measured in one run on the same artifacts.
+
+    .venv/bin/python benchmarks/serve.py                       # builds data/bench-serve/{etl,model} if missing
+    .venv/bin/python benchmarks/serve.py --data DIR --model MODEL_DIR
+
+Measured:
+- per-request transform of one pair and of all movies for one user, in-process: the naive
+  ``workflow.transform(nvt.Dataset(df))`` (a Dask graph per request), merlin's ``LocalExecutor``,
+  our ``SharedNodeExecutor`` (each node once), and the ``FeatureCache`` lookup;
+- p50 / p99 client-side latency of a one-pair ``POST /predict`` and of ``GET /recommend?k=10`` (every
+  movie scored) through a real uvicorn server on 127.0.0.1, with and without the feature cache;
+- 20 concurrent clients x 100 one-pair requests (throughput, p99, micro-batches);
+- ``python -m pipeline predict`` throughput (rows/s) on a parquet of random pairs.
+
+Results: benchmarks/results/serve.json and serve.md (with the command and the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pipeline  # noqa: E402,F401  (dask settings before nvtabular)
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "mean_ms": round(float(ms.mean()), 3), "n": len(ms)}
+
+
+def timed(fn, repeats: int, warmup: int = 3) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return percentiles(seconds)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        mem_gb = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "python": platform.python_version(),
+            "platform": platform.platform(), "gpu": False, "load_average_at_start": os.getloadavg()}
+
+
+def ensure_artifacts(data: Path, model: Path) -> None:
+    """Full-size synthetic ml-1m ETL output and a 1-epoch DLRM, built only if missing."""
+    from pipeline.etl import run_etl
+    from pipeline.inference import MANIFEST_NAME, write_manifest
+    from pipeline.train import train_model
+
+    if not (data / "workflow").exists():
+        run_etl("synthetic", data, raw=data.parent / "raw", seed=0)
+    if not (model / "model.keras").exists():
+        train_model(data, model, epochs=1, seed=0)
+    if not (model / MANIFEST_NAME).exists():  # older train stages did not record checksums
+        write_manifest(model)
+
+
+def transform_comparison(cached, pairs: pd.DataFrame, user_rows: pd.DataFrame, repeats: int) -> dict:
+    import nvtabular as nvt
+    from merlin.dag.executors import LocalExecutor
+
+    from pipeline.inference import SharedNodeExecutor
+
+    serving = cached.serving
+    local, shared = LocalExecutor(), SharedNodeExecutor()
+    out = {}
+    for label, frame, n in (("one_pair", pairs.iloc[:1].reset_index(drop=True), repeats),
+                            ("all_movies_one_user", user_rows, max(5, repeats // 10))):
+        def naive():
+            return serving.transform(nvt.Dataset(frame.copy(), cpu=True)).to_ddf().compute()
+
+        out[label] = {
+            "rows": len(frame),
+            "naive_workflow_transform_dataset": timed(naive, max(5, n // 10)),
+            "merlin_local_executor": timed(lambda: local.transform(frame.copy(), serving.output_node), max(5, n // 4)),
+            "shared_node_executor": timed(lambda: shared.transform(frame, serving.output_node), n),
+            "feature_cache": timed(lambda: cached.cache.lookup(frame), n) if cached.cache else None,
+        }
+        # the paths agree: same features from the graph and from the cache
+        graph = shared.transform(frame, serving.output_node)
+        naive_out = naive()
+        for col in graph.columns:
+            if not graph[col].map(repr).equals(naive_out[col].reset_index(drop=True).map(repr)):
+                raise AssertionError(f"naive and shared-node transforms differ on {col}")
+    return out
+
+
+def http_latency(predictor, pairs: pd.DataFrame, users: np.ndarray, n_predict: int, n_recommend: int) -> dict:
+    import httpx
+
+    from pipeline.serve import serve_in_background
+
+    with serve_in_background(predictor) as server, httpx.Client(base_url=server.url, timeout=120) as http:
+        def one_pair(i=[0]):  # noqa: B006  (a counter)
+            row = pairs.iloc[i[0] % len(pairs)]
+            i[0] += 1
+            r = http.post("/predict", json={"pairs": [{"userId": int(row.userId), "movieId": int(row.movieId)}]})
+            r.raise_for_status()
+
+        def recommend(i=[0]):  # noqa: B006
+            user = int(users[i[0] % len(users)])
+            i[0] += 1
+            r = http.get("/recommend", params={"userId": user, "k": 10})
+            r.raise_for_status()
+            assert len(r.json()["items"]) == 10
+
+        return {"predict_one_pair": timed(one_pair, n_predict, warmup=20),
+                "recommend_k10_all_movies": timed(recommend, n_recommend, warmup=5)}
+
+
+def http_concurrent(predictor, pairs: pd.DataFrame, clients: int = 20, per_client: int = 100) -> dict:
+    import httpx
+
+    from pipeline.serve import serve_in_background
+
+    with serve_in_background(predictor) as server:
+        latencies: list[float] = []
+        lock = threading.Lock()
+
+        def run(c: int) -> None:
+            mine = []
+            with httpx.Client(base_url=server.url, timeout=120) as http:
+                for i in range(per_client):
+                    row = pairs.iloc[(c * per_client + i) % len(pairs)]
+                    start = time.perf_counter()
+                    r = http.post("/predict", json={"pairs": [{"userId": int(row.userId), "movieId": int(row.movieId)}]})
+                    r.raise_for_status()
+                    mine.append(time.perf_counter() - start)
+            with lock:
+                latencies.extend(mine)
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        batcher = server.app.state.batcher
+        return {"clients": clients, "requests_per_client": per_client, "seconds": round(wall, 3),
+                "requests_per_second": round(clients * per_client / wall, 1), **percentiles(latencies),
+                "model_calls": batcher.batches, "requests_batched": batcher.requests}
+
+
+def batch_predict(predictor, rows: int, workdir: Path, rng) -> dict:
+    from pipeline.inference import predict_file
+
+    items, users = predictor.candidate_items, predictor.cache.keys["userId"] if predictor.cache else np.arange(1, 6041)
+    frame = pd.DataFrame({"userId": rng.choice(users, rows), "movieId": rng.choice(items, rows)})
+    src = workdir / "pairs.parquet"
+    frame.to_parquet(src, index=False)
+    start = time.perf_counter()
+    summary = predict_file(predictor, src, workdir / "scores.parquet", progress=False)
+    wall = time.perf_counter() - start
+    return {"rows": rows, "seconds": round(wall, 3), "rows_per_second": round(rows / wall, 1),
+            "batch_size": 65_536}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "bench-serve" / "etl")
+    parser.add_argument("--model", type=Path, default=ROOT / "data" / "bench-serve" / "model")
+    parser.add_argument("--requests", type=int, default=500, help="one-pair requests timed per path")
+    parser.add_argument("--batch-rows", type=int, default=1_000_000, help="rows for the batch predict run")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    ensure_artifacts(args.data, args.model)
+    from pipeline.inference import Predictor
+
+    info = {"command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]), "machine": machine(),
+            "data": str(args.data), "model": str(args.model)}
+    etl = json.loads((args.data / "etl.json").read_text())
+    info["dataset_rows"] = etl.get("rows")
+    rng = np.random.default_rng(0)
+
+    start = time.perf_counter()
+    cached = Predictor.load(args.data, args.model)
+    info["load_seconds_with_cache"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    graph = Predictor.load(args.data, args.model, feature_cache=False)
+    info["load_seconds_graph_only"] = round(time.perf_counter() - start, 2)
+
+    users = cached.cache.keys["userId"]
+    pairs = pd.DataFrame({"userId": rng.choice(users, 5000), "movieId": rng.choice(cached.candidate_items, 5000)})
+    user_rows = pd.DataFrame({"userId": np.full(len(cached.candidate_items), users[0]), "movieId": cached.candidate_items})
+    info["movies"] = len(cached.candidate_items)
+    info["users"] = len(users)
+
+    results = {"transform": transform_comparison(cached, pairs, user_rows, args.requests)}
+    results["http_feature_cache"] = http_latency(cached, pairs, users, args.requests, max(50, args.requests // 2))
+    results["http_serving_graph"] = http_latency(graph, pairs, users, max(50, args.requests // 5), 50)
+    results["http_concurrent_20x100_feature_cache"] = http_concurrent(cached, pairs)
+    with tempfile.TemporaryDirectory() as tmp:
+        results["batch_predict_feature_cache"] = batch_predict(cached, args.batch_rows, Path(tmp), rng)
+        results["batch_predict_serving_graph"] = batch_predict(graph, args.batch_rows, Path(tmp), rng)
+    info["load_average_at_end"] = os.getloadavg()
+    report = {**info, "results": results}
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "serve.md").write_text(render(report))
+    print(render(report))
+    return 0
+
+
+def render(report: dict) -> str:
+    r = report["results"]
+    t1, tall = r["transform"]["one_pair"], r["transform"]["all_movies_one_user"]
+    hc, hg, cc = r["http_feature_cache"], r["http_serving_graph"], r["http_concurrent_20x100_feature_cache"]
+
+    def row(label, stats):
+        return f"| {label} | {stats['p50_ms']:.2f} | {stats['p99_ms']:.2f} | {stats['n']} |" if stats else f"| {label} | - | - | - |"
+
+    lines = [
+        "# Serving benchmark",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, {report['machine']['memory_gb']} GB, "
+        f"no GPU; load average at start {tuple(round(x, 2) for x in report['machine']['load_average_at_start'])}  ",
+        f"Data: {report['data']} ({report['dataset_rows']}), {report['users']} users, {report['movies']} movies  ",
+        f"Predictor load: {report['load_seconds_with_cache']} s with the feature cache, "
+        f"{report['load_seconds_graph_only']} s without (the first includes importing TensorFlow)",
+        "",
+        "## Per-request transform (in-process, ms)",
+        "",
+        "| path | p50 | p99 | n |",
+        "|---|---|---|---|",
+        row("one pair: naive workflow.transform(nvt.Dataset(df))", t1["naive_workflow_transform_dataset"]),
+        row("one pair: merlin LocalExecutor", t1["merlin_local_executor"]),
+        row("one pair: SharedNodeExecutor (each node once)", t1["shared_node_executor"]),
+        row("one pair: FeatureCache lookup", t1["feature_cache"]),
+        row(f"{tall['rows']} movies x 1 user: naive", tall["naive_workflow_transform_dataset"]),
+        row(f"{tall['rows']} movies x 1 user: merlin LocalExecutor", tall["merlin_local_executor"]),
+        row(f"{tall['rows']} movies x 1 user: SharedNodeExecutor", tall["shared_node_executor"]),
+        row(f"{tall['rows']} movies x 1 user: FeatureCache lookup", tall["feature_cache"]),
+        "",
+        "## HTTP, one client, sequential (client-side ms; target p99 < 10 one pair, < 50 top-10)",
+        "",
+        "| request | p50 | p99 | n |",
+        "|---|---|---|---|",
+        row("POST /predict one pair (feature cache)", hc["predict_one_pair"]),
+        row("GET /recommend k=10 over all movies (feature cache)", hc["recommend_k10_all_movies"]),
+        row("POST /predict one pair (serving graph per request)", hg["predict_one_pair"]),
+        row("GET /recommend k=10 (serving graph per request)", hg["recommend_k10_all_movies"]),
+        "",
+        f"20 clients x 100 one-pair requests at once: {cc['requests_per_second']} requests/s, p50 {cc['p50_ms']:.2f} ms, "
+        f"p99 {cc['p99_ms']:.2f} ms, {cc['requests_batched']} requests in {cc['model_calls']} model calls.",
+        "",
+        "## Batch predict (`predict_file`, parquet in and out, batches of 65,536)",
+        "",
+        f"- feature cache: {r['batch_predict_feature_cache']['rows_per_second']:,.0f} rows/s "
+        f"({r['batch_predict_feature_cache']['rows']:,} rows in {r['batch_predict_feature_cache']['seconds']} s)",
+        f"- serving graph: {r['batch_predict_serving_graph']['rows_per_second']:,.0f} rows/s "
+        f"({r['batch_predict_serving_graph']['rows']:,} rows in {r['batch_predict_serving_graph']['seconds']} s)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
