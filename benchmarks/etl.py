@@ -187,7 +187,11 @@ def run_merlin(raw: Path, work: Path, sampler: RssSampler) -> dict:
         >> ops.AddMetadata(tags=["binary_classification", "target"])
         >> ops.Rename(name="rating_binary")
     )
-    target = ["rating"] >> ops.LambdaOp(lambda col: col.astype("float32")) >> ops.AddMetadata(tags=["regression", "target"])
+    target = (
+        ["rating"]
+        >> ops.LambdaOp(lambda col: col.astype("float32"))
+        >> ops.AddMetadata(tags=["regression", "target"])
+    )
     workflow = nvt.Workflow(cat_features + te_norm + te_user + te_item + item + user + genres + binary + target)
     train, valid = Dataset(str(prepared / "train.parquet")), Dataset(str(prepared / "valid.parquet"))
     workflow.fit(train)

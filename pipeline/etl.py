@@ -142,80 +142,80 @@ def run_etl(
     device = resolve_device(device)
     variant = "ml-1m" if dataset == "synthetic" else dataset
     seconds: dict[str, float] = {}
-    progress = _progress()
+    with _progress() as progress:
+        with _phase("read", seconds, progress):
+            if "data_seed" in synthetic_size:
+                synthetic_size["seed"] = synthetic_size.pop("data_seed")
+            raw_path = locate_raw(dataset, Path(raw) if raw is not None else None, **synthetic_size)
+            from pipeline.datasets import read_movielens
 
-    with _phase("read", seconds, progress):
-        if "data_seed" in synthetic_size:
-            synthetic_size["seed"] = synthetic_size.pop("data_seed")
-        raw_path = locate_raw(dataset, Path(raw) if raw is not None else None, **synthetic_size)
-        from pipeline.datasets import read_movielens
+            movielens = read_movielens(variant, raw_path)
 
-        movielens = read_movielens(variant, raw_path)
+        with _phase("split", seconds, progress):
+            if split == "official":
+                if movielens.official_split is None:
+                    raise DataError(
+                        f"--split official needs ml-100k's ua.base / ua.test; {dataset} has no official split"
+                    )
+                train, valid = (frame.reset_index(drop=True) for frame in movielens.official_split)
+            else:
+                train, valid = split_ratings(movielens.ratings, split, valid_fraction, seed)
+            _check_split(train, valid)
 
-    with _phase("split", seconds, progress):
-        if split == "official":
-            if movielens.official_split is None:
-                raise DataError(f"--split official needs ml-100k's ua.base / ua.test; {dataset} has no official split")
-            train, valid = (frame.reset_index(drop=True) for frame in movielens.official_split)
-        else:
-            train, valid = split_ratings(movielens.ratings, split, valid_fraction, seed)
-        _check_split(train, valid)
+        import merlin.io
+        import nvtabular  # noqa: F401  (imported before the workflow module, outside the timed phases)
 
-    import merlin.io
-    import nvtabular  # noqa: F401  (imported before the workflow module, outside the timed phases)
+        from pipeline.datasets.atomic import atomic_dir
+        from pipeline.ops import out_of_fold
+        from workflows.movielens import movielens_workflow
 
-    from pipeline.datasets.atomic import atomic_dir
-    from pipeline.ops import out_of_fold
-    from workflows.movielens import movielens_workflow
+        n_parts = _partitions(train, part_size)
+        cpu = device == "cpu"
+        with atomic_dir(out) as tmp, dask_cluster(device, workers=workers, scheduler=dask_scheduler):
+            fit_dir = tmp / ".fit"
+            workflow = movielens_workflow(variant, movielens.movies, movielens.users, out_path=fit_dir, seed=seed)
+            train_set = merlin.io.Dataset(train, npartitions=n_parts, cpu=cpu)
+            valid_set = merlin.io.Dataset(valid, npartitions=_partitions(valid, part_size), cpu=cpu)
 
-    n_parts = _partitions(train, part_size)
-    cpu = device == "cpu"
-    with atomic_dir(out) as tmp, dask_cluster(device, workers=workers, scheduler=dask_scheduler):
-        fit_dir = tmp / ".fit"
-        workflow = movielens_workflow(variant, movielens.movies, movielens.users, out_path=fit_dir, seed=seed)
-        train_set = merlin.io.Dataset(train, npartitions=n_parts, cpu=cpu)
-        valid_set = merlin.io.Dataset(valid, npartitions=_partitions(valid, part_size), cpu=cpu)
+            with _phase("fit", seconds, progress), out_of_fold(workflow):
+                workflow.fit(train_set)
+            schema = _relocate_paths(workflow.output_schema, fit_dir, out.resolve() / "workflow")
+            with _phase("transform_train", seconds, progress), out_of_fold(workflow):
+                _write(workflow.transform(train_set), tmp / "train", schema)
+            with _phase("transform_valid", seconds, progress):
+                _write(workflow.transform(valid_set), tmp / "valid", schema)
+            with _phase("save", seconds, progress):
+                workflow.save(str(tmp / "workflow"))
+                shutil.rmtree(fit_dir, ignore_errors=True)
+                _write_manifest(tmp / "workflow")
 
-        with _phase("fit", seconds, progress), out_of_fold(workflow):
-            workflow.fit(train_set)
-        schema = _relocate_paths(workflow.output_schema, fit_dir, out.resolve() / "workflow")
-        with _phase("transform_train", seconds, progress), out_of_fold(workflow):
-            _write(workflow.transform(train_set), tmp / "train", schema)
-        with _phase("transform_valid", seconds, progress):
-            _write(workflow.transform(valid_set), tmp / "valid", schema)
-        with _phase("save", seconds, progress):
-            workflow.save(str(tmp / "workflow"))
-            shutil.rmtree(fit_dir, ignore_errors=True)
-            _write_manifest(tmp / "workflow")
-
-        summary = {
-            "dataset": dataset,
-            "variant": variant,
-            "raw": str(raw_path),
-            "out": str(out),
-            "seed": seed,
-            "split": split,
-            "valid_fraction": valid_fraction if split != "official" else round(len(valid) / (len(train) + len(valid)), 6),
-            "device": device,
-            "workers": workers,
-            "dask_scheduler": dask_scheduler,
-            "partitions": n_parts,
-            "rows": {"train": len(train), "valid": len(valid)},
-            "columns": {
-                col.name: {"dtype": str(col.dtype.to_numpy), "is_list": bool(col.is_list),
-                           "tags": sorted(str(t.value) for t in col.tags)}
-                for col in schema
-            },
-            "cardinalities": {
-                col.name: int(col.properties["embedding_sizes"]["cardinality"])
-                for col in schema
-                if "embedding_sizes" in col.properties
-            },
-            "seconds": {name: round(value, 3) for name, value in seconds.items()},
-        }
-        summary["seconds"]["total"] = round(sum(seconds.values()), 3)
-        (tmp / "etl.json").write_text(json.dumps(summary, indent=2) + "\n")
-    progress.close()
+            summary = {
+                "dataset": dataset,
+                "variant": variant,
+                "raw": str(raw_path),
+                "out": str(out),
+                "seed": seed,
+                "split": split,
+                "valid_fraction": round(len(valid) / (len(train) + len(valid)), 6),
+                "device": device,
+                "workers": workers,
+                "dask_scheduler": dask_scheduler,
+                "partitions": n_parts,
+                "rows": {"train": len(train), "valid": len(valid)},
+                "columns": {
+                    col.name: {"dtype": str(col.dtype.to_numpy), "is_list": bool(col.is_list),
+                               "tags": sorted(str(t.value) for t in col.tags)}
+                    for col in schema
+                },
+                "cardinalities": {
+                    col.name: int(col.properties["embedding_sizes"]["cardinality"])
+                    for col in schema
+                    if "embedding_sizes" in col.properties
+                },
+                "seconds": {name: round(value, 3) for name, value in seconds.items()},
+            }
+            summary["seconds"]["total"] = round(sum(seconds.values()), 3)
+            (tmp / "etl.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info("ETL of %s written to %s in %.1f s", dataset, out, summary["seconds"]["total"])
     return summary
 
@@ -317,7 +317,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cluster = parser.add_mutually_exclusive_group()
     cluster.add_argument("--workers", type=int, help="run on a local Dask cluster with N worker processes")
     cluster.add_argument("--dask-scheduler", metavar="ADDRESS", help="run on an existing Dask cluster")
-    parser.add_argument("--part-size", metavar="SIZE", help="in-memory partition size, e.g. 64MB (one parquet file each)")
+    parser.add_argument(
+        "--part-size", metavar="SIZE", help="in-memory partition size, e.g. 64MB (one parquet file each)"
+    )
     synthetic = parser.add_argument_group("synthetic data size (--dataset synthetic; default: ML-1M's)")
     synthetic.add_argument("--n-users", type=int)
     synthetic.add_argument("--n-movies", type=int)
@@ -329,7 +331,8 @@ def main(args: argparse.Namespace) -> int:
     _skip_tensorflow_import()
     import pipeline  # noqa: F401  (dask configuration before nvtabular)
 
-    sizes = {k: getattr(args, k) for k in ("n_users", "n_movies", "n_ratings", "data_seed") if getattr(args, k) is not None}
+    size_options = ("n_users", "n_movies", "n_ratings", "data_seed")
+    sizes = {k: getattr(args, k) for k in size_options if getattr(args, k) is not None}
     summary = run_etl(
         args.dataset,
         args.out,
