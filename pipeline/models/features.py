@@ -103,7 +103,7 @@ class EmbeddingFeatures(Block):
             tables[col.name] = {"cardinality": cardinality(col), "dim": int(dim), "is_list": bool(col.is_list)}
         if not tables:
             raise DataError(f"the schema has no categorical input columns (columns: {schema.column_names})")
-        return cls(tables, combiner=combiner, **kwargs)
+        return cls(tables, combiner=combiner, l2_regularization=l2_regularization, **kwargs)
 
     def lookup(self, name: str, ids):
         """Embeddings of ``ids`` for feature ``name``: ``(batch, 1)`` -> ``(batch, dim)``; lists combined."""
