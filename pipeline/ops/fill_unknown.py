@@ -29,20 +29,20 @@ class FillUnknown(Operator):
 
     def __init__(self):
         super().__init__()
-        self.column_kinds: dict[str, tuple[str, str, bool]] = {}
+        self.column_kinds: dict[str, tuple[str, bool]] = {}  # column -> (numpy dtype, is_list)
 
     def compute_output_schema(
         self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema: Schema | None = None
     ) -> Schema:
-        # Remember (name, numpy dtype, is_list) of every input column: transform only sees data
-        # whose dtype may already have been changed by the nulls.
+        # Remember each input column's dtype and list-ness: transform only sees data whose dtype
+        # the nulls may already have changed (int64 -> float64).
         for col in input_schema:
-            self.column_kinds[col.name] = (col.name, str(col.dtype.to_numpy), bool(col.is_list))
+            self.column_kinds[col.name] = (str(col.dtype.to_numpy), bool(col.is_list))
         return super().compute_output_schema(input_schema, col_selector, prev_output_schema)
 
     def transform(self, col_selector: ColumnSelector, df):
         for name in col_selector.names:
-            _, dtype, is_list = self.column_kinds.get(name, (name, str(df[name].dtype), False))
+            dtype, is_list = self.column_kinds.get(name, (str(df[name].dtype), False))
             if not df[name].isna().any():
                 continue
             df[name] = _fill(df[name], dtype, is_list)
