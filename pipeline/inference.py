@@ -2,7 +2,7 @@
 
 ``Predictor.load(etl_dir, model_dir)`` loads both artifacts once, after checking their recorded
 checksums (loading a workflow runs pickle, so only files whose sha256 matches the manifest written
-at ETL / train time are loaded). From the saved workflow it derives a *serving graph*: a copy of the
+at ETL time are loaded; the model dir's manifest, written at train time, is checked when present). From the saved workflow it derives a *serving graph*: a copy of the
 graph without the branches that compute targets, so requests need no ``rating`` column; the saved
 workflow object itself is never modified. The side tables joined by the workflow (users, movies)
 travel inside it. Each request frame is transformed in-process by merlin's ``LocalExecutor``
@@ -346,7 +346,12 @@ class Predictor:
             if not path.exists():
                 raise ArtifactError(f"{path} is missing")
         verify_manifest(workflow_dir, required=("workflow.pkl",))
-        verify_manifest(model_dir, required=("model.keras",))
+        if (model_dir / MANIFEST_NAME).exists():
+            verify_manifest(model_dir, required=("model.keras",))
+        else:
+            # The workflow is a pickle and is never loaded unverified; a .keras file is loaded with
+            # Keras' safe_mode (no pickled code), so a model dir from an older train stage still loads.
+            logger.warning("%s has no %s: the model's checksums are not verified", model_dir, MANIFEST_NAME)
 
         workflow = nvt.Workflow.load(str(workflow_dir))
         targets = workflow.output_schema.select_by_tag(Tags.TARGET).column_names

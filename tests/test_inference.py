@@ -182,6 +182,12 @@ def test_load_refuses_artifacts_that_changed_or_have_no_checksums(predictor, etl
     with pytest.raises(ArtifactError, match="manifest.json is missing"):
         Predictor.load(etl_copy, model_dir)
 
+    model_copy = tmp_path / "model"
+    shutil.copytree(model_dir, model_copy)
+    (model_copy / "schema.pbtxt").write_text((model_copy / "schema.pbtxt").read_text() + "\n")
+    with pytest.raises(ArtifactError, match="schema.pbtxt does not match its checksum"):
+        Predictor.load(etl_dir, model_copy)
+
 
 def test_load_refuses_a_workflow_the_model_was_not_trained_on(predictor, model_dir, tmp_path):
     from pipeline.datasets import generate_synthetic
