@@ -240,6 +240,7 @@ def test_cli_end_to_end(synthetic_raw, tmp_path):
     assert summary["seed"] == 3 and summary["dataset"] == "synthetic"
     workflow = nvt.Workflow.load(str(tmp_path / "out" / "workflow"))
     assert "TE_userId_rating" in workflow.output_schema.column_names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no ./categories, no temporary dirs
 
     if gpu_available():
         return
