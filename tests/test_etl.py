@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +215,31 @@ def test_failed_run_leaves_previous_output_and_no_temporary_dir(synthetic_raw, t
         run_etl("ml-1m", out, raw=synthetic_raw, split="official")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["etl"]
     assert [p.name for p in out.iterdir()] == ["marker"]
+
+
+def test_interrupt_during_fit_leaves_no_output(tmp_path):
+    """Ctrl-C half-way (after the split, while the workflow is being fitted): no DIR, no temporary dir."""
+    import signal
+
+    from pipeline.datasets import generate_synthetic
+
+    raw = generate_synthetic(tmp_path / "raw", fmt="ml-1m", seed=1, n_users=1500, n_movies=900, n_ratings=150_000)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "pipeline", "etl", "--dataset", "ml-1m", "--raw", str(raw), "--out", "out"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "etl split" in line:
+            break
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)  # the run is past the split and imports: it now builds in the temporary dir
+    assert list(tmp_path.glob(".out.tmp-*")), "expected the temporary output dir"
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and "KeyboardInterrupt" in stderr
+    assert "in fit" in stderr  # interrupted inside Workflow.fit
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
 def test_two_worker_local_cluster_gives_the_same_output(etl_dir, synthetic_raw, tmp_path):
