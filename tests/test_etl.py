@@ -238,7 +238,6 @@ def test_interrupt_during_fit_leaves_no_output(tmp_path):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0 and "KeyboardInterrupt" in stderr
-    assert "in fit" in stderr  # interrupted inside Workflow.fit
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
