@@ -247,6 +247,16 @@ def test_two_worker_local_cluster_gives_the_same_output(etl_dir, synthetic_raw, 
         pd.testing.assert_frame_equal(read_parts(tmp_path / "dist" / split), read_parts(etl_dir / split))
 
 
+def test_existing_dask_scheduler_gives_the_same_output_and_stays_up(etl_dir, synthetic_raw, tmp_path):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        run_etl("ml-1m", tmp_path / "remote", raw=synthetic_raw, seed=0, dask_scheduler=cluster.scheduler_address)
+        with Client(cluster.scheduler_address) as client:  # the user's cluster is still there
+            assert len(client.scheduler_info()["workers"]) == 1
+    pd.testing.assert_frame_equal(read_parts(tmp_path / "remote" / "valid"), read_parts(etl_dir / "valid"))
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(
