@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import queue
 import socket
@@ -197,6 +198,11 @@ def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_dela
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Everything loaded so far (TensorFlow, the workflow, the cache) lives for the whole
+        # process: move it out of the garbage collector's sight, so that collections triggered
+        # by requests do not walk it (they otherwise show up as 10+ ms spikes in the p99).
+        gc.collect()
+        gc.freeze()
         batcher.start()
         try:
             yield
