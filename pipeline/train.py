@@ -215,18 +215,23 @@ def train_model(
         if initial_epoch >= epochs:
             logger.info("already trained for %d epochs (asked for %d): nothing to fit", initial_epoch, epochs)
     else:
+        net = _build_model(model, schema, embedding_dim, targets)  # schema errors surface before any output
+        net.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate))
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        net = _build_model(model, schema, embedding_dim, targets)
-        net.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate))
     config["targets"] = net.target_names
     config["features"] = net.input_feature_names()
     (work / CHECKPOINTS).mkdir(exist_ok=True)
     (work / CHECKPOINTS / "config.json").write_text(json.dumps(config, indent=2))
 
-    train_loader = net.make_loader(train_ds, batch_size, shuffle=True, seed=seed)
-    valid_loader = net.make_loader(valid_ds, batch_size)
+    try:
+        train_loader = net.make_loader(train_ds, batch_size, shuffle=True, seed=seed)
+        valid_loader = net.make_loader(valid_ds, batch_size)
+    except Exception:
+        if not any((work / CHECKPOINTS).glob("epoch_*.keras")):
+            shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave no trace
+        raise
     train_loader._epoch = initial_epoch  # the shuffle of epoch k is the same with or without --resume
     callbacks = [_epoch_callbacks(train_rows, work, history)]
     if early_stopping:

@@ -65,6 +65,11 @@ class Block(keras.layers.Layer):
         """This block, then ``output + block(output)`` (shapes must match)."""
         return SequentialBlock([self, ResidualBlock(block)], **kwargs)
 
+    def build_from_config(self, config: dict) -> None:
+        # Blocks create their weights when first called; on loading, ``Model.build_from_config``
+        # runs a dummy batch through the whole model, which builds every block in order.
+        return None
+
     def input_feature_names(self) -> list[str]:
         """Raw input features this block (and every block inside it) reads, in first-seen order."""
         names: list[str] = []

@@ -124,6 +124,13 @@ class Model(keras.Model):
             metrics = {h.target: [keras.metrics.get(keras.metrics.serialize(m)) if not isinstance(m, str) else m for m in metrics] for h in self.heads}
         return super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
+    def compile_from_config(self, config: dict) -> None:
+        # Keras skips compile() on load when compile is overridden; ours only fills defaults, so replay it.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def check_schema(self, schema: Schema) -> None:
         """Raise ``DataError`` if ``schema`` lacks a feature or target the model reads, or has the wrong kind."""
         missing = [n for n in [*self.input_feature_names(), *self.target_names] if n not in schema.column_names]
