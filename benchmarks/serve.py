@@ -6,8 +6,9 @@ against NVTabular's naive path, all measured in one run on the same artifacts.
 
 Measured:
 - per-request transform of one pair and of all movies for one user, in-process: the naive
-  ``workflow.transform(nvt.Dataset(df))`` (a Dask graph per request), merlin's ``LocalExecutor``,
-  our ``SharedNodeExecutor`` (each node once), and the ``FeatureCache`` lookup;
+  ``workflow.transform(nvt.Dataset(df))`` (a Dask graph per request), merlin's ``LocalExecutor``
+  (what the predictor runs for unseen ids, or for every id without the cache),
+  and the ``FeatureCache`` lookup;
 - p50 / p99 client-side latency of a one-pair ``POST /predict`` and of ``GET /recommend?k=10`` (every
   movie scored) through a real uvicorn server on 127.0.0.1, with and without the feature cache;
 - 20 concurrent clients x 100 one-pair requests (throughput, p99, micro-batches);
@@ -89,10 +90,8 @@ def transform_comparison(cached, pairs: pd.DataFrame, user_rows: pd.DataFrame, r
     import nvtabular as nvt
     from merlin.dag.executors import LocalExecutor
 
-    from pipeline.inference import SharedNodeExecutor
-
     serving = cached.serving
-    local, shared = LocalExecutor(), SharedNodeExecutor()
+    local = LocalExecutor()
     out = {}
     for label, frame, n in (("one_pair", pairs.iloc[:1].reset_index(drop=True), repeats),
                             ("all_movies_one_user", user_rows, max(5, repeats // 10))):
@@ -102,16 +101,15 @@ def transform_comparison(cached, pairs: pd.DataFrame, user_rows: pd.DataFrame, r
         out[label] = {
             "rows": len(frame),
             "naive_workflow_transform_dataset": timed(naive, max(5, n // 10)),
-            "merlin_local_executor": timed(lambda: local.transform(frame.copy(), serving.output_node), max(5, n // 4)),
-            "shared_node_executor": timed(lambda: shared.transform(frame, serving.output_node), n),
+            "merlin_local_executor": timed(lambda: local.transform(frame.copy(), serving.output_node), n),
             "feature_cache": timed(lambda: cached.cache.lookup(frame), n) if cached.cache else None,
         }
-        # the paths agree: same features from the graph and from the cache
-        graph = shared.transform(frame, serving.output_node)
+        # the paths agree: the same features from the naive path and the in-process one
+        graph = local.transform(frame.copy(), serving.output_node)
         naive_out = naive()
         for col in graph.columns:
             if not graph[col].map(repr).equals(naive_out[col].reset_index(drop=True).map(repr)):
-                raise AssertionError(f"naive and shared-node transforms differ on {col}")
+                raise AssertionError(f"naive and in-process transforms differ on {col}")
     return out
 
 
@@ -172,15 +170,14 @@ def http_concurrent(predictor, pairs: pd.DataFrame, clients: int = 20, per_clien
                 "model_calls": batcher.batches, "requests_batched": batcher.requests}
 
 
-def batch_predict(predictor, rows: int, workdir: Path, rng) -> dict:
+def batch_predict(predictor, users: np.ndarray, rows: int, workdir: Path, rng) -> dict:
     from pipeline.inference import predict_file
 
-    items, users = predictor.candidate_items, predictor.cache.keys["userId"] if predictor.cache else np.arange(1, 6041)
-    frame = pd.DataFrame({"userId": rng.choice(users, rows), "movieId": rng.choice(items, rows)})
+    frame = pd.DataFrame({"userId": rng.choice(users, rows), "movieId": rng.choice(predictor.candidate_items, rows)})
     src = workdir / "pairs.parquet"
     frame.to_parquet(src, index=False)
     start = time.perf_counter()
-    summary = predict_file(predictor, src, workdir / "scores.parquet", progress=False)
+    predict_file(predictor, src, workdir / "scores.parquet", progress=False)
     wall = time.perf_counter() - start
     return {"rows": rows, "seconds": round(wall, 3), "rows_per_second": round(rows / wall, 1),
             "batch_size": 65_536}
@@ -225,8 +222,8 @@ def main() -> int:
     results["http_serving_graph"] = http_latency(graph, pairs, users, max(50, args.requests // 5), 50)
     results["http_concurrent_20x100_feature_cache"] = http_concurrent(cached, pairs)
     with tempfile.TemporaryDirectory() as tmp:
-        results["batch_predict_feature_cache"] = batch_predict(cached, args.batch_rows, Path(tmp), rng)
-        results["batch_predict_serving_graph"] = batch_predict(graph, args.batch_rows, Path(tmp), rng)
+        results["batch_predict_feature_cache"] = batch_predict(cached, users, args.batch_rows, Path(tmp), rng)
+        results["batch_predict_serving_graph"] = batch_predict(graph, users, args.batch_rows, Path(tmp), rng)
     info["load_average_at_end"] = os.getloadavg()
     report = {**info, "results": results}
 
@@ -261,11 +258,9 @@ def render(report: dict) -> str:
         "|---|---|---|---|",
         row("one pair: naive workflow.transform(nvt.Dataset(df))", t1["naive_workflow_transform_dataset"]),
         row("one pair: merlin LocalExecutor", t1["merlin_local_executor"]),
-        row("one pair: SharedNodeExecutor (each node once)", t1["shared_node_executor"]),
         row("one pair: FeatureCache lookup", t1["feature_cache"]),
         row(f"{tall['rows']} movies x 1 user: naive", tall["naive_workflow_transform_dataset"]),
         row(f"{tall['rows']} movies x 1 user: merlin LocalExecutor", tall["merlin_local_executor"]),
-        row(f"{tall['rows']} movies x 1 user: SharedNodeExecutor", tall["shared_node_executor"]),
         row(f"{tall['rows']} movies x 1 user: FeatureCache lookup", tall["feature_cache"]),
         "",
         "## HTTP, one client, sequential (client-side ms; target p99 < 10 one pair, < 50 top-10)",

@@ -1,16 +1,17 @@
 """Scoring raw ``(userId, movieId)`` rows through the saved NVTabular workflow and the saved model.
 
-``Predictor.load(etl_dir, model_dir)`` loads both artifacts once, after checking their recorded
-checksums (loading a workflow runs pickle, so only files whose sha256 matches the manifest written
-at ETL time are loaded; the model dir's manifest, written at train time, is checked when present). From the saved workflow it derives a *serving graph*: a copy of the
-graph without the branches that compute targets, so requests need no ``rating`` column; the saved
-workflow object itself is never modified. The side tables joined by the workflow (users, movies)
-travel inside it. Each request frame is transformed in-process by merlin's ``LocalExecutor``
-(no Dask graph per request), formatted exactly as ``pipeline.loader.Loader`` formats training
-batches, and fed to the model.
+``Predictor.load(etl_dir, model_dir)`` loads both artifacts once. Loading a workflow runs pickle, so
+it is loaded only if its files match the sha256 manifest the ETL recorded (``write_manifest``); the
+model dir's manifest (train time) is checked when present. From the saved workflow it derives a
+*serving graph*: a deep copy with the target inputs removed, so requests need no ``rating`` column,
+while the loaded workflow stays exactly as saved. The side tables the workflow joins (users,
+movies) travel inside it. Request frames are transformed in-process by merlin's ``LocalExecutor``
+(no Dask graph per request), formatted as ``pipeline.loader.Loader`` formats training batches,
+and fed to the model. ``FeatureCache`` precomputes the graph's output for every known user and
+movie (verified against the graph at load), so known ids skip the graph.
 
-Unseen users or movies go through the same graph and land on Categorify's out-of-vocabulary rows.
-The model's recorded schema fingerprint must match the serving graph's output schema, else
+Unseen users or movies go through the graph and land on Categorify's out-of-vocabulary rows. The
+train stage's schema fingerprint must match the serving graph's output schema, else
 ``ArtifactError``.
 
 The ``predict`` CLI stage streams a csv / parquet file of raw rows through the predictor in batches
@@ -145,42 +146,6 @@ def serving_workflow(workflow, targets: list[str]):
     serving = nvt.Workflow(serving.output_node)
     serving.fit_schema(workflow.input_schema.select_by_name(request_columns))
     return serving
-
-
-class SharedNodeExecutor:
-    """merlin's ``LocalExecutor`` that runs each graph node once per ``transform`` call.
-
-    ``LocalExecutor`` re-executes a node's whole upstream graph for every child that reads it: in
-    the MovieLens workflow the joins and the 8-column ``Categorify`` feed five branches
-    (``categorical["userId"]``, ...), so they ran five times per request (~200 ms for one row).
-    Here each node's output is computed once and shared (as a shallow copy, so a child that assigns
-    columns cannot change what its siblings see); the operators and their order are unchanged.
-    """
-
-    def __init__(self):
-        from merlin.dag.executors import LocalExecutor
-
-        outer = self
-
-        class _Executor(LocalExecutor):
-            def _execute_node(self, node, transformable, capture_dtypes=False, strict=False):
-                memo = outer._local.memo
-                key = id(node)
-                if key not in memo:
-                    memo[key] = super()._execute_node(node, transformable, capture_dtypes, strict)
-                out = memo[key]
-                return out.copy(deep=False) if hasattr(out, "copy") else out
-
-        self._executor = _Executor()
-        self._local = threading.local()
-
-    def transform(self, df: pd.DataFrame, node) -> pd.DataFrame:
-        """``df`` through the graph ending at ``node``; one row out per row in, same order."""
-        self._local.memo = {}
-        try:
-            return self._executor.transform(df, node)
-        finally:
-            self._local.memo = {}
 
 
 def _read_schema(path: Path):
@@ -321,7 +286,9 @@ class Predictor:
         self.model_dir = model_dir
         self.metadata = metadata
         self.request_columns: list[str] = list(serving.input_schema.column_names)
-        self._executor = SharedNodeExecutor()
+        from merlin.dag.executors import LocalExecutor
+
+        self._executor = LocalExecutor()
         self._lock = threading.RLock()
         self._candidates: np.ndarray | None = None
         self._rated: dict[int, np.ndarray] | None = None
@@ -428,6 +395,7 @@ class Predictor:
         if not len(df):
             return pd.DataFrame({i.name: pd.Series([], dtype=i.dtype) for i in self.inputs})
         with self._lock:
+            # merlin's in-process executor on the pandas frame: no Dask graph per request
             out = self._executor.transform(df, self.serving.output_node)
         if len(out) != len(df):
             raise ArtifactError(f"the serving workflow returned {len(out)} rows for {len(df)} request rows")
