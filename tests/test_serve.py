@@ -153,6 +153,23 @@ def test_concurrent_clients_get_their_own_answers(server, predictor, pairs):
     assert batcher.batches < batcher.requests  # concurrent requests were merged
 
 
+def test_the_micro_batcher_merges_requests_and_isolates_a_bad_one(predictor, pairs):
+    from pipeline.errors import DataError
+    from pipeline.serve import MicroBatcher
+
+    batcher = MicroBatcher(predictor, max_delay=0.2).start()
+    try:
+        good = [batcher.submit(pairs.iloc[i : i + 3].reset_index(drop=True)) for i in (0, 3)]
+        bad = batcher.submit(pd.DataFrame({"userId": [1]}))  # no movieId
+        np.testing.assert_allclose(good[0].result(60), predictor.predict(pairs.iloc[0:3]), atol=1e-6)
+        np.testing.assert_allclose(good[1].result(60), predictor.predict(pairs.iloc[3:6]), atol=1e-6)
+        with pytest.raises(DataError, match="movieId"):
+            bad.result(60)
+    finally:
+        batcher.stop()
+    assert batcher.requests == 3 and batcher.batches == 1  # one merged batch, then the fallback
+
+
 def test_the_serve_command_answers_on_its_port(etl_dir, model_dir, predictor):
     """``python -m pipeline serve`` as a user runs it: a separate process, queried over HTTP."""
     import subprocess
