@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -36,6 +35,10 @@ DATASETS = ("ml-100k", "ml-1m", "ml-25m", "synthetic")
 SPLITS = ("random", "temporal", "official")
 DATA_DIR = Path("data")
 PHASES = ("read", "split", "fit", "transform_train", "transform_valid", "save")
+# Default partition size. NVTabular's fit transforms the whole first partition once more just to
+# sample output dtypes, so smaller partitions waste less; too small ones add per-partition overhead.
+# CPU seconds for 1M ratings: 1 partition 17.1, 400k rows 14.8, 200k rows 11.1, 100k rows 13.2.
+ROWS_PER_PARTITION = 200_000
 
 
 def split_ratings(
@@ -248,9 +251,9 @@ def _check_split(train: pd.DataFrame, valid: pd.DataFrame) -> None:
 
 
 def _partitions(frame: pd.DataFrame, part_size: str | None) -> int:
-    """Partitions for an in-memory frame: ``part_size`` bytes each, default one per CPU core."""
+    """Partitions for an in-memory frame: ``part_size`` bytes each, by default ``ROWS_PER_PARTITION`` rows."""
     if part_size is None:
-        return max(1, min(os.cpu_count() or 1, math.ceil(len(frame) / 100_000)))
+        return max(1, math.ceil(len(frame) / ROWS_PER_PARTITION))
     from dask.utils import parse_bytes
 
     try:
