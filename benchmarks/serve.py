@@ -10,7 +10,8 @@ Measured:
   (what the predictor runs for unseen ids, or for every id without the cache),
   and the ``FeatureCache`` lookup;
 - p50 / p99 client-side latency of a one-pair ``POST /predict`` and of ``GET /recommend?k=10`` (every
-  movie scored) through a real uvicorn server on 127.0.0.1, with and without the feature cache;
+  movie scored) against ``python -m pipeline serve`` running in its own process on 127.0.0.1, with
+  and without the feature cache;
 - 20 concurrent clients x 100 one-pair requests (throughput, p99, micro-batches);
 - ``python -m pipeline predict`` throughput (rows/s) on a parquet of random pairs.
 
@@ -20,9 +21,11 @@ Results: benchmarks/results/serve.json and serve.md (with the command and the ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import threading
@@ -113,12 +116,39 @@ def transform_comparison(cached, pairs: pd.DataFrame, user_rows: pd.DataFrame, r
     return out
 
 
-def http_latency(predictor, pairs: pd.DataFrame, users: np.ndarray, n_predict: int, n_recommend: int) -> dict:
+@contextlib.contextmanager
+def server_process(data: Path, model: Path, *extra: str):
+    """``python -m pipeline serve`` in its own process (as a user runs it); yields its base URL."""
     import httpx
 
-    from pipeline.serve import serve_in_background
+    from pipeline.serve import free_port
 
-    with serve_in_background(predictor) as server, httpx.Client(base_url=server.url, timeout=120) as http:
+    port = free_port()
+    command = [sys.executable, "-m", "pipeline", "serve", "--data", str(data), "--model", str(model),
+               "--host", "127.0.0.1", "--port", str(port), *extra]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start: {' '.join(command)}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def http_latency(url: str, pairs: pd.DataFrame, users: np.ndarray, n_predict: int, n_recommend: int) -> dict:
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120) as http:
         def one_pair(i=[0]):  # noqa: B006  (a counter)
             row = pairs.iloc[i[0] % len(pairs)]
             i[0] += 1
@@ -136,38 +166,36 @@ def http_latency(predictor, pairs: pd.DataFrame, users: np.ndarray, n_predict: i
                 "recommend_k10_all_movies": timed(recommend, n_recommend, warmup=5)}
 
 
-def http_concurrent(predictor, pairs: pd.DataFrame, clients: int = 20, per_client: int = 100) -> dict:
+def http_concurrent(url: str, pairs: pd.DataFrame, clients: int = 20, per_client: int = 100) -> dict:
     import httpx
 
-    from pipeline.serve import serve_in_background
+    before = httpx.get(url + "/metadata").json()["server"]
+    latencies: list[float] = []
+    lock = threading.Lock()
 
-    with serve_in_background(predictor) as server:
-        latencies: list[float] = []
-        lock = threading.Lock()
+    def run(c: int) -> None:
+        mine = []
+        with httpx.Client(base_url=url, timeout=120) as http:
+            for i in range(per_client):
+                row = pairs.iloc[(c * per_client + i) % len(pairs)]
+                start = time.perf_counter()
+                r = http.post("/predict", json={"pairs": [{"userId": int(row.userId), "movieId": int(row.movieId)}]})
+                r.raise_for_status()
+                mine.append(time.perf_counter() - start)
+        with lock:
+            latencies.extend(mine)
 
-        def run(c: int) -> None:
-            mine = []
-            with httpx.Client(base_url=server.url, timeout=120) as http:
-                for i in range(per_client):
-                    row = pairs.iloc[(c * per_client + i) % len(pairs)]
-                    start = time.perf_counter()
-                    r = http.post("/predict", json={"pairs": [{"userId": int(row.userId), "movieId": int(row.movieId)}]})
-                    r.raise_for_status()
-                    mine.append(time.perf_counter() - start)
-            with lock:
-                latencies.extend(mine)
-
-        threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
-        batcher = server.app.state.batcher
-        return {"clients": clients, "requests_per_client": per_client, "seconds": round(wall, 3),
-                "requests_per_second": round(clients * per_client / wall, 1), **percentiles(latencies),
-                "model_calls": batcher.batches, "requests_batched": batcher.requests}
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    after = httpx.get(url + "/metadata").json()["server"]
+    return {"clients": clients, "requests_per_client": per_client, "seconds": round(wall, 3),
+            "requests_per_second": round(clients * per_client / wall, 1), **percentiles(latencies),
+            "model_calls": after["batches"] - before["batches"], "requests_batched": after["requests"] - before["requests"]}
 
 
 def batch_predict(predictor, users: np.ndarray, rows: int, workdir: Path, rng) -> dict:
@@ -218,9 +246,13 @@ def main() -> int:
     info["users"] = len(users)
 
     results = {"transform": transform_comparison(cached, pairs, user_rows, args.requests)}
-    results["http_feature_cache"] = http_latency(cached, pairs, users, args.requests, max(50, args.requests // 2))
-    results["http_serving_graph"] = http_latency(graph, pairs, users, max(50, args.requests // 5), 50)
-    results["http_concurrent_20x100_feature_cache"] = http_concurrent(cached, pairs)
+    # The servers run in their own process (the CLI), as in production: the client's threads do not
+    # share the server's interpreter lock.
+    with server_process(args.data, args.model) as url:
+        results["http_feature_cache"] = http_latency(url, pairs, users, args.requests, max(50, args.requests // 2))
+        results["http_concurrent_20x100_feature_cache"] = http_concurrent(url, pairs)
+    with server_process(args.data, args.model, "--no-feature-cache") as url:
+        results["http_serving_graph"] = http_latency(url, pairs, users, max(50, args.requests // 5), 50)
     with tempfile.TemporaryDirectory() as tmp:
         results["batch_predict_feature_cache"] = batch_predict(cached, users, args.batch_rows, Path(tmp), rng)
         results["batch_predict_serving_graph"] = batch_predict(graph, users, args.batch_rows, Path(tmp), rng)
