@@ -277,6 +277,8 @@ class Predictor:
 
     def __init__(self, *, workflow, serving, model, inputs: list[_ModelInput], target: str,
                  etl_dir: Path, model_dir: Path, metadata: dict[str, Any]):
+        from merlin.dag.executors import LocalExecutor
+
         self.workflow = workflow
         self.serving = serving
         self.model = model
@@ -286,8 +288,6 @@ class Predictor:
         self.model_dir = model_dir
         self.metadata = metadata
         self.request_columns: list[str] = list(serving.input_schema.column_names)
-        from merlin.dag.executors import LocalExecutor
-
         self._executor = LocalExecutor()
         self._lock = threading.RLock()
         self._candidates: np.ndarray | None = None
