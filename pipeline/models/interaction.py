@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import keras
 import keras_rs
 from keras import ops
 

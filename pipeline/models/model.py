@@ -8,7 +8,6 @@ Keras accepts works too. One output returns ``(batch, units)``; several (multi-t
 
 from __future__ import annotations
 
-import logging
 from typing import Mapping
 
 import keras
@@ -21,8 +20,6 @@ from pipeline.loader import Loader
 from pipeline.models.core import deserialize, register, serialize
 from pipeline.models.features import ContinuousFeatures, EmbeddingFeatures, SequenceEmbeddingFeatures
 from pipeline.models.outputs import OutputBlock
-
-logger = logging.getLogger(__name__)
 
 
 @register
