@@ -118,7 +118,7 @@ def in_memory_arrays(split_dir: Path, features: list[str], list_widths: dict[str
     return x, frame[target].to_numpy().astype(np.float32).reshape(-1, 1)
 
 
-def plain_keras_dlrm(schema, features: list[str], list_widths: dict[str, int], embedding_dim: int):
+def plain_keras_dlrm(schema, features: list[str], list_widths: dict[str, int], embedding_dim: int, embeddings_l2: float):
     """The same layers as DLRMModel, written as a plain Keras functional model."""
     import keras
     import keras_rs
@@ -142,6 +142,9 @@ def plain_keras_dlrm(schema, features: list[str], list_widths: dict[str, int], e
             vectors[name] = keras.ops.sum(looked_up * mask, axis=1) / keras.ops.maximum(keras.ops.sum(mask, axis=1), 1.0)
         else:
             vectors[name] = keras.ops.reshape(looked_up, (-1, embedding_dim))
+        if embeddings_l2:
+            # the same penalty as EmbeddingFeatures(l2_regularization=...): l2 * mean over the batch of |e|^2
+            vectors[name] = keras.layers.ActivityRegularization(l2=embeddings_l2)(vectors[name])
     dense = keras.layers.Concatenate()([inputs[n] for n in sorted(continuous)])
     bottom = keras.layers.Dense(embedding_dim, activation="relu")(keras.layers.Dense(128, activation="relu")(dense))
     vectors["continuous"] = bottom
@@ -160,6 +163,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the train stage's")
     parser.add_argument("--embedding-dim", type=int, default=64)
+    parser.add_argument("--embeddings-l2", type=float, default=None, help="default: the train stage's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "train.json")
     args = parser.parse_args()
@@ -172,6 +176,7 @@ def main() -> int:
     from pipeline.train import DEFAULTS
 
     lr = args.learning_rate or DEFAULTS["learning_rate"]
+    l2 = DEFAULTS["embeddings_l2"] if args.embeddings_l2 is None else args.embeddings_l2
     load_start = os.getloadavg()
     train_ds = Dataset(str(args.data / "train"), engine="parquet")
     valid_ds = Dataset(str(args.data / "valid"), engine="parquet")
@@ -179,14 +184,15 @@ def main() -> int:
     tf.config.experimental.enable_op_determinism()
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
                "config": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": lr,
-                          "embedding_dim": args.embedding_dim, "seed": args.seed, "train_rows": train_rows,
+                          "embedding_dim": args.embedding_dim, "embeddings_l2": l2, "seed": args.seed, "train_rows": train_rows,
                           "valid_rows": valid_rows, "data": str(args.data)},
                "versions": {"tensorflow": tf.__version__, "keras": keras.__version__}}
 
     # --- ours: schema -> DLRMModel, fit / predict on merlin Datasets through the Loader
     print("ours: DLRMModel on the merlin Loader", flush=True)
     keras.utils.set_random_seed(args.seed)
-    ours = mm.DLRMModel(train_ds.schema, args.embedding_dim, prediction_tasks=mm.BinaryOutput("rating_binary"))
+    ours = mm.DLRMModel(train_ds.schema, args.embedding_dim, prediction_tasks=mm.BinaryOutput("rating_binary"),
+                        embeddings_l2=l2)
     ours.compile(optimizer=keras.optimizers.Adam(lr))
     records: list = []
     started = time.perf_counter()
@@ -213,7 +219,7 @@ def main() -> int:
     x_valid, y_valid = in_memory_arrays(args.data / "valid", features, widths, "rating_binary")
     arrays_seconds = time.perf_counter() - t
     keras.utils.set_random_seed(args.seed)
-    plain = plain_keras_dlrm(train_ds.schema, features, widths, args.embedding_dim)
+    plain = plain_keras_dlrm(train_ds.schema, features, widths, args.embedding_dim, l2)
     plain.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy",
                   metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryCrossentropy(name="logloss")])
     records = []
@@ -247,7 +253,8 @@ def render(r: dict) -> str:
         f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['memory_gb']} GB, "
         f"Python {r['machine']['python']}; load average at start {r['load_average']['start']} (other jobs share the machine)  ",
         f"Data: {r['config']['train_rows']:,} train / {r['config']['valid_rows']:,} valid rows; batch {r['config']['batch_size']}, "
-        f"lr {r['config']['learning_rate']}, embedding dim {r['config']['embedding_dim']}, seed {r['config']['seed']}",
+        f"lr {r['config']['learning_rate']}, embedding dim {r['config']['embedding_dim']}, "
+        f"embeddings L2 {r['config']['embeddings_l2']}, seed {r['config']['seed']}",
         "",
         "| model | epoch | train samples/s | seconds | valid AUC | valid logloss |",
         "|---|---|---|---|---|---|",
