@@ -37,7 +37,7 @@ class FillUnknown(Operator):
         # Remember each input column's dtype and list-ness: transform only sees data whose dtype
         # the nulls may already have changed (int64 -> float64).
         for col in input_schema:
-            self.column_kinds[col.name] = (str(col.dtype.to_numpy), bool(col.is_list))
+            self.column_kinds[col.name] = (_numpy_dtype(col.dtype), bool(col.is_list))
         return super().compute_output_schema(input_schema, col_selector, prev_output_schema)
 
     def transform(self, col_selector: ColumnSelector, df):
@@ -49,6 +49,15 @@ class FillUnknown(Operator):
         return df
 
     transform.__doc__ = Operator.transform.__doc__
+
+
+def _numpy_dtype(dtype) -> str:
+    """The numpy name of a merlin dtype; "object" when merlin could not infer it (e.g. a list column
+    whose sampled first row is empty)."""
+    try:
+        return str(dtype.to_numpy)
+    except ValueError:
+        return "object"
 
 
 def _sentinel(dtype: str):

@@ -182,3 +182,15 @@ def test_fold_of_a_row_does_not_depend_on_batch_composition():
     np.testing.assert_array_equal(fold_ids(shuffled, ["userId", "movieId"], 5, 0), folds[shuffled.index.to_numpy()])
     np.testing.assert_array_equal(fold_ids(frame.iloc[100:130], ["userId", "movieId"], 5, 0), folds[100:130])
     assert (fold_ids(frame, ["userId", "movieId"], 5, 1) != folds).any()  # the seed matters
+
+
+def test_movies_without_genres_give_empty_lists(tmp_path):
+    users, movies = side_tables()
+    movies.at[0, "genres"] = []  # also the row merlin samples to infer the joined column's dtype
+    train = ratings_for(users, movies, n=400)
+    workflow = movielens_workflow("ml-1m", movies, users, out_path=tmp_path)
+    workflow.fit(nvt.Dataset(train))
+    out = workflow.transform(nvt.Dataset(train)).to_ddf().compute()
+    assert workflow.output_schema["genres"].properties["value_count"]["min"] == 0
+    no_genres = out["genres"][(train["movieId"] == movies["movieId"].iloc[0]).to_numpy()]
+    assert len(no_genres) and all(len(v) == 0 for v in no_genres)
