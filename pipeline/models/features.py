@@ -108,7 +108,8 @@ class EmbeddingFeatures(Block):
     def lookup(self, name: str, ids):
         """Embeddings of ``ids`` for feature ``name``: ``(batch, 1)`` -> ``(batch, dim)``; lists combined."""
         ids = ops.cast(ids, "int32")
-        if not self.tables_config[name].get("is_list"):
+        if not self.tables_config[name].get("is_list") or ids.shape[-1] == 1:
+            # one id per row (also a list column the loader padded to width 1): a plain lookup
             return self.embeddings[name](ops.reshape(ids, (-1,)))
         vectors = self.embeddings[name](ids)  # (batch, max_len, dim)
         mask = ops.cast(ops.not_equal(ids, 0), vectors.dtype)[..., None]
