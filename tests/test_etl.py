@@ -70,6 +70,8 @@ def test_output_files_schema_and_summary(etl_dir, synthetic_raw):
     assert set(schema.select_by_tag(Tags.CONTINUOUS).column_names) == set(TE_COLUMNS)
     assert schema.select_by_tag(Tags.TARGET).column_names == ["rating_binary", "rating"]
     assert schema["genres"].is_list and schema["genres"].properties["value_count"]["min"] >= 1
+    scalars = [name for name in schema.column_names if name != "genres"]
+    assert [name for name in scalars if schema[name].is_list] == [], "only genres is a list column"
 
     raw, train_raw, _ = raw_split(synthetic_raw)
     train = read_parts(etl_dir / "train")

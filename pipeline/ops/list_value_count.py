@@ -22,6 +22,21 @@ class ListValueCount(ValueCount):
         parts = [dask.delayed(_length_range)(part, col_selector.names) for part in ddf.to_delayed()]
         return dask.delayed(_combine)(parts)
 
+    # ValueCount gives every selected column a list shape; scalar columns must stay scalar
+    # (the model and the loader read list-ness from the schema).
+    def _compute_properties(self, col_schema, input_schema):
+        if not self._is_list(col_schema):
+            return super(ValueCount, self)._compute_properties(col_schema, input_schema)
+        return super()._compute_properties(col_schema, input_schema)
+
+    def _compute_shape(self, col_schema, input_schema):
+        if not self._is_list(col_schema):
+            return super(ValueCount, self)._compute_shape(col_schema, input_schema)
+        return super()._compute_shape(col_schema, input_schema)
+
+    def _is_list(self, col_schema) -> bool:
+        return col_schema.name in self.stats or col_schema.is_list
+
 
 def _length_range(df, columns) -> dict[str, tuple[int, int]]:
     """(min, max) list length per list column of one partition."""
