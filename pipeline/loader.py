@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Categorify maps padding to 0, so 0 is the natural fill value for padded list columns.
 PAD_ID = 0
+# Batches kept from the start of a pass: Keras' PyDataset adapter reads 2 to infer tensor specs.
+_HEAD = 2
 
 
 def list_columns(dataset: Dataset) -> set[str]:
@@ -161,7 +163,9 @@ class Loader(keras.utils.PyDataset):
             drop_last=drop_last,
         )
         self._num_batches = len(self._merlin)
-        self._next_index = 0
+        self._next_index = self._pulled = 0  # next batch index asked for / batches read in this pass
+        self._head: list = []  # the first batches of this pass, kept for a replay
+        self._stale = True  # no pass started yet
 
     def _epoch_seed(self) -> int:
         # merlin seeds numpy's global generator with this before shuffling partitions; the
@@ -176,16 +180,26 @@ class Loader(keras.utils.PyDataset):
         return self._num_batches
 
     def __getitem__(self, index: int):
-        # merlin's loader is an iterator: index 0 (re)starts an epoch, other indices must come in order.
+        # merlin's loader is an iterator: index 0 starts a pass, other indices must come in order.
         if index == 0:
-            self._restart()
+            if self._stale or not 0 < self._pulled <= len(self._head):
+                self._restart()
+            # else: only the first batch(es) of this pass were read (Keras reads two to learn the
+            # tensor specs before the epoch starts): replay them instead of re-reading the data.
         elif index != self._next_index:
             raise IndexError(
                 f"Loader streams batches in order (asked for batch {index}, next is {self._next_index}): "
                 "pass shuffle=False to keras fit(); the Loader shuffles rows itself (shuffle=True)"
             )
+        if index < self._pulled:
+            batch = self._head[index]
+        else:
+            batch = self._format(self._merlin.__next__())
+            self._pulled += 1
+            if len(self._head) < _HEAD:
+                self._head.append(batch)
         self._next_index = index + 1
-        return self._format(self._merlin.__next__())
+        return batch
 
     def __iter__(self):
         for index in range(self._num_batches):
@@ -195,10 +209,13 @@ class Loader(keras.utils.PyDataset):
         self._merlin.stop()
         np.random.seed(self._epoch_seed())
         self._merlin.__iter__()
-        self._next_index = 0
+        self._next_index = self._pulled = 0
+        self._head = []
+        self._stale = False
 
     def on_epoch_end(self) -> None:
         self._epoch += 1
+        self._stale = True  # the next pass reshuffles with the next epoch's seed
 
     def _format(self, batch):
         raw, labels = batch
@@ -220,12 +237,6 @@ class Loader(keras.utils.PyDataset):
         if len(self.target_names) == 1:
             return features, tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
         return features, {k: tf.reshape(tf.cast(labels[k], tf.float32), [-1, 1]) for k in self.target_names}
-
-    def peek(self):
-        """The first batch of an epoch, without disturbing iteration order afterwards."""
-        batch = self[0]
-        self._restart()
-        return batch
 
     def stop(self) -> None:
         """Stop the background reader thread."""
