@@ -117,8 +117,14 @@ class Model(keras.Model):
         if metrics is None:
             metrics = self.heads[0].default_metrics() if single else {h.target: h.default_metrics() for h in self.heads}
         elif not single and isinstance(metrics, (list, tuple)):
-            # Keras wants per-output metrics for dict outputs: give every head its own copies.
-            metrics = {h.target: [keras.metrics.get(keras.metrics.serialize(m)) if not isinstance(m, str) else m for m in metrics] for h in self.heads}
+            # Keras wants per-output metrics for dict outputs: the list goes (as copies) to the heads of
+            # the first head's kind (e.g. AUC to binary heads); the other heads keep their defaults.
+            kind = type(self.heads[0])
+            metrics = {
+                h.target: [keras.metrics.deserialize(keras.metrics.serialize(m)) if not isinstance(m, str) else m
+                           for m in metrics] if type(h) is kind else h.default_metrics()
+                for h in self.heads
+            }
         return super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
     def compile_from_config(self, config: dict) -> None:
