@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from machine import describe_machine  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -227,15 +228,6 @@ def child(args) -> None:
 # -- driver --------------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    import importlib.metadata as md
-
-    versions = {p: md.version(p) for p in ("nvtabular", "merlin-core", "pandas", "numpy", "pyarrow", "dask")}
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_kb / 2**20, 1),
-            "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
-            "gpu": "none (CPU run)"}
 
 
 def run_child(name: str, raw: Path, work: Path) -> dict:
@@ -328,7 +320,7 @@ def main() -> None:
     n_ratings = sum(1 for _ in open(Path(raw) / "ratings.dat", "rb"))
     meta = {"command": "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "raw": str(raw), "n_ratings": n_ratings,
-            "machine": machine(), "load_before": [round(x, 2) for x in os.getloadavg()]}
+            "machine": describe_machine(), "load_before": [round(x, 2) for x in os.getloadavg()]}
     runs: dict[str, list] = {"ours": [], "merlin": [], "cli_wall": []}
     with tempfile.TemporaryDirectory(dir=REPO / "data") as tmp:
         # Interleaved repetitions: load from other processes then hits every contender alike.

@@ -24,13 +24,14 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from machine import describe_machine  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 import numpy as np
 import pandas as pd
@@ -58,21 +59,6 @@ def timed(fn, repeats: int, warmup: int = 3) -> dict[str, float]:
     return percentiles(seconds)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        mem_gb = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "python": platform.python_version(),
-            "platform": platform.platform(), "gpu": False, "load_average_at_start": os.getloadavg()}
 
 
 def ensure_artifacts(data: Path, model: Path) -> None:
@@ -226,7 +212,7 @@ def main() -> int:
     ensure_artifacts(args.data, args.model)
     from pipeline.inference import Predictor
 
-    info = {"command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    info = {"command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]), "machine": describe_machine(),
             "data": str(args.data), "model": str(args.model)}
     etl = json.loads((args.data / "etl.json").read_text())
     info["dataset_rows"] = etl.get("rows")
@@ -279,7 +265,7 @@ def render(report: dict) -> str:
         "",
         f"Command: `{report['command']}`  ",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, {report['machine']['memory_gb']} GB, "
-        f"no GPU; load average at start {tuple(round(x, 2) for x in report['machine']['load_average_at_start'])}  ",
+        f"no GPU; load average at start {tuple(round(x, 2) for x in report['machine']['load_average'])}  ",
         f"Data: {report['data']} ({report['dataset_rows']}), {report['users']} users, {report['movies']} movies  ",
         f"Predictor load: {report['load_seconds_with_cache']} s with the feature cache, "
         f"{report['load_seconds_graph_only']} s without (the first includes importing TensorFlow)",

@@ -1,0 +1,26 @@
+"""What every benchmark result records about the machine it ran on (imported by the benchmark scripts)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+
+PACKAGES = ("nvtabular", "merlin-core", "merlin-dataloader", "tensorflow-cpu", "keras", "pandas", "numpy", "pyarrow",
+            "dask")
+
+
+def describe_machine() -> dict:
+    """CPU model, cores, memory (GB), Python, platform, package versions and the load average at the call."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or "unknown")
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1), "gpu": "none (CPU run)",
+            "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
