@@ -64,15 +64,12 @@ def timed(fn, repeats: int, warmup: int = 3) -> dict[str, float]:
 def ensure_artifacts(data: Path, model: Path) -> None:
     """Full-size synthetic ml-1m ETL output and a 1-epoch DLRM, built only if missing."""
     from pipeline.etl import run_etl
-    from pipeline.inference import MANIFEST_NAME, write_manifest
     from pipeline.train import train_model
 
     if not (data / "workflow").exists():
         run_etl("synthetic", data, raw=data.parent / "raw", seed=0)
     if not (model / "model.keras").exists():
         train_model(data, model, epochs=1, seed=0)
-    if not (model / MANIFEST_NAME).exists():  # older train stages did not record checksums
-        write_manifest(model)
 
 
 def transform_comparison(cached, pairs: pd.DataFrame, user_rows: pd.DataFrame, repeats: int) -> dict:

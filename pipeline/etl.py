@@ -168,7 +168,8 @@ def run_etl(
         import merlin.io
         import nvtabular  # noqa: F401  (imported before the workflow module, outside the timed phases)
 
-        from pipeline.datasets.atomic import atomic_dir
+        from pipeline.atomic import atomic_dir
+        from pipeline.manifest import write_manifest
         from pipeline.ops import out_of_fold
         from workflows.movielens import movielens_workflow
 
@@ -190,7 +191,7 @@ def run_etl(
             with _phase("save", seconds, progress):
                 workflow.save(str(tmp / "workflow"))
                 shutil.rmtree(fit_dir, ignore_errors=True)
-                _write_manifest(tmp / "workflow")
+                write_manifest(tmp / "workflow")  # inference refuses to unpickle an unverified workflow
 
             summary = {
                 "dataset": dataset,
@@ -283,16 +284,6 @@ def _write(dataset, path: Path, schema) -> None:
     """``dataset`` as part_*.parquet + schema.pbtxt under ``path`` (with ``schema``'s properties)."""
     dataset.schema = schema
     dataset.to_parquet(str(path), output_files=dataset.npartitions, write_hugectr_keyset=False)
-
-
-def _write_manifest(directory: Path) -> None:
-    # The inference stage refuses to unpickle a workflow whose files do not match this manifest.
-    try:
-        from pipeline.inference import write_manifest
-    except ImportError:  # inference stage not installed in this checkout
-        logger.warning("pipeline.inference.write_manifest unavailable: no manifest written for %s", directory)
-        return
-    write_manifest(directory)
 
 
 def _skip_tensorflow_import() -> None:

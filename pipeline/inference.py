@@ -1,8 +1,8 @@
 """Scoring raw ``(userId, movieId)`` rows through the saved NVTabular workflow and the saved model.
 
 ``Predictor.load(etl_dir, model_dir)`` loads both artifacts once. Loading a workflow runs pickle, so
-it is loaded only if its files match the sha256 manifest the ETL recorded (``write_manifest``); the
-model dir's manifest (train time) is checked when present. From the saved workflow it derives a
+it is loaded only if its files match the sha256 manifest the ETL recorded (``pipeline.manifest``), and
+the model only if its directory matches the manifest the train stage recorded. From the saved workflow it derives a
 *serving graph*: a deep copy with the target inputs removed, so requests need no ``rating`` column,
 while the loaded workflow stays exactly as saved. The side tables the workflow joins (users,
 movies) travel inside it. Request frames are transformed in-process by merlin's ``LocalExecutor``
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import threading
@@ -35,77 +34,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import ArtifactError, DataError
+from pipeline.manifest import MANIFEST_NAME, verify_manifest, write_manifest  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 REQUEST_DTYPE = np.int64
 
 
-# --------------------------------------------------------------------------------------------
-# Checksums: a manifest of sha256 per file, written by ETL (workflow/) and train (model dir).
-# --------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _manifest_files(directory: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in directory.rglob("*")
-        if p.is_file() and p.name != MANIFEST_NAME and not any(part.startswith(".") for part in p.relative_to(directory).parts)
-    )
-
-
-def write_manifest(directory: str | Path) -> Path:
-    """Record the sha256 of every file under ``directory`` in ``directory/manifest.json``.
-
-    Called by the ETL stage on its ``workflow/`` folder and by the train stage on the model folder,
-    as the last step before the output is renamed into place. Returns the manifest's path.
-    """
-    directory = Path(directory)
-    files = {p.relative_to(directory).as_posix(): _sha256(p) for p in _manifest_files(directory)}
-    manifest = {"algorithm": "sha256", "files": files}
-    path = directory / MANIFEST_NAME
-    path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    return path
-
-
-def verify_manifest(directory: str | Path, required: tuple[str, ...] = ()) -> dict[str, str]:
-    """Check every file listed in ``directory/manifest.json`` against its recorded sha256.
-
-    ``required`` names files (relative to ``directory``) that must be listed. Raises
-    ``ArtifactError`` naming the first missing, unlisted or modified file; returns the manifest's
-    ``{file: sha256}``.
-    """
-    directory = Path(directory)
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
-        raise ArtifactError(
-            f"{path} is missing: refusing to load unverified artifacts from {directory} (loading runs pickle). "
-            "Re-run the stage that wrote it, or record checksums of files you trust with "
-            f"`python -c \"from pipeline.inference import write_manifest; write_manifest('{directory}')\"`"
-        )
-    try:
-        files = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ArtifactError(f"{path} is not a valid manifest ({err})") from err
-    for name in required:
-        if name not in files:
-            raise ArtifactError(f"{path} does not list {name}: refusing to load it unverified")
-    for name, expected in files.items():
-        file = directory / name
-        if not file.is_file():
-            raise ArtifactError(f"{file} is listed in {path} but missing")
-        if _sha256(file) != expected:
-            raise ArtifactError(f"{file} does not match its checksum in {path}: it changed after it was written")
-    return files
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,12 +248,7 @@ class Predictor:
             if not path.exists():
                 raise ArtifactError(f"{path} is missing")
         verify_manifest(workflow_dir, required=("workflow.pkl",))
-        if (model_dir / MANIFEST_NAME).exists():
-            verify_manifest(model_dir, required=("model.keras",))
-        else:
-            # The workflow is a pickle and is never loaded unverified; a .keras file is loaded with
-            # Keras' safe_mode (no pickled code), so a model dir from an older train stage still loads.
-            logger.warning("%s has no %s: the model's checksums are not verified", model_dir, MANIFEST_NAME)
+        verify_manifest(model_dir, required=("model.keras", "config.json"))
 
         workflow = nvt.Workflow.load(str(workflow_dir))
         targets = workflow.output_schema.select_by_tag(Tags.TARGET).column_names
@@ -724,7 +654,7 @@ def predict_file(predictor: Predictor, input_path: str | Path, output_path: str 
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from pipeline.datasets.atomic import atomic_file
+    from pipeline.atomic import atomic_file
 
     input_path, output_path = Path(input_path), Path(output_path)
     total = _count_rows(input_path)

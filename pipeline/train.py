@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import ArtifactError, DataError
+from pipeline.manifest import write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +263,7 @@ def train_model(
         "targets": net.target_names,
     }
     _write_outputs(net, work, data_dir, config, metrics)
+    write_manifest(work)  # the predictor loads only a model dir whose checksums match
     _replace_dir(work, out_dir)
     logger.info("model written to %s; valid %s", out_dir, {k: round(v, 4) for k, v in metrics["valid"].items()})
     return metrics

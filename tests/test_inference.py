@@ -17,20 +17,10 @@ UNSEEN_USER = 10_000_000
 UNSEEN_MOVIE = 20_000_000
 
 
-def ensure_model_manifest(model_dir):
-    """The train stage should record the model dir's checksums (``write_manifest``) as the ETL does
-    for the workflow; until it does, record them here so the tests exercise verified loading."""
-    from pipeline.inference import MANIFEST_NAME, write_manifest
-
-    if not (model_dir / MANIFEST_NAME).exists():
-        write_manifest(model_dir)
-
-
 @pytest.fixture(scope="module")
 def predictor(etl_dir, model_dir):
     from pipeline.inference import Predictor
 
-    ensure_model_manifest(model_dir)
     return Predictor.load(etl_dir, model_dir)
 
 
@@ -39,7 +29,6 @@ def graph_predictor(etl_dir, model_dir):
     """A predictor that runs every request through the serving graph (no feature cache)."""
     from pipeline.inference import Predictor
 
-    ensure_model_manifest(model_dir)
     return Predictor.load(etl_dir, model_dir, feature_cache=False)
 
 
@@ -186,6 +175,10 @@ def test_load_refuses_artifacts_that_changed_or_have_no_checksums(predictor, etl
     shutil.copytree(model_dir, model_copy)
     (model_copy / "schema.pbtxt").write_text((model_copy / "schema.pbtxt").read_text() + "\n")
     with pytest.raises(ArtifactError, match="schema.pbtxt does not match its checksum"):
+        Predictor.load(etl_dir, model_copy)
+
+    (model_copy / MANIFEST_NAME).unlink()
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
         Predictor.load(etl_dir, model_copy)
 
 

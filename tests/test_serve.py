@@ -16,10 +16,8 @@ UNSEEN_USER = 10_000_000
 
 @pytest.fixture(scope="module")
 def predictor(etl_dir, model_dir):
-    from pipeline.inference import MANIFEST_NAME, Predictor, write_manifest
+    from pipeline.inference import Predictor
 
-    if not (model_dir / MANIFEST_NAME).exists():  # until the train stage records the model's checksums
-        write_manifest(model_dir)
     return Predictor.load(etl_dir, model_dir)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pipeline.datasets.atomic import atomic_file
+from pipeline.atomic import atomic_file
 from pipeline.datasets.constants import VARIANTS
 from pipeline.errors import DataError
 

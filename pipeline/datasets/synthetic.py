@@ -27,7 +27,7 @@ import pandas as pd
 from scipy.special import ndtr
 
 from pipeline.datasets import ml1m, ml100k
-from pipeline.datasets.atomic import atomic_dir
+from pipeline.atomic import atomic_dir
 from pipeline.datasets.constants import (
     AGE_RANGES,
     GENRES,
