@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,31 +33,12 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pipeline  # noqa: E402,F401  (dask settings before merlin)
+from machine import describe_machine  # noqa: E402  (benchmarks/machine.py)
+from pipeline.metrics import binary_logloss as logloss, roc_auc as auc  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1), "python": platform.python_version(),
-            "platform": platform.platform()}
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    ranks = pd.Series(scores).rank().to_numpy()
-    pos = labels == 1
-    n_pos, n_neg = pos.sum(), (~pos).sum()
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def logloss(labels: np.ndarray, scores: np.ndarray) -> float:
-    p = np.clip(scores, 1e-7, 1 - 1e-7)
-    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
 
 
 def oracle_auc(etl_dir: Path) -> dict | None:
@@ -182,7 +162,7 @@ def main() -> int:
     valid_ds = Dataset(str(args.data / "valid"), engine="parquet")
     train_rows, valid_rows = int(train_ds.num_rows), int(valid_ds.num_rows)
     tf.config.experimental.enable_op_determinism()
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": describe_machine(),
                "config": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": lr,
                           "embedding_dim": args.embedding_dim, "embeddings_l2": l2, "seed": args.seed, "train_rows": train_rows,
                           "valid_rows": valid_rows, "data": str(args.data)},

@@ -14,18 +14,11 @@ import pytest
 
 import pipeline  # noqa: F401
 from pipeline.errors import DataError
+from pipeline.metrics import roc_auc as auc
 
 
 def read_split(etl_dir: Path, split: str) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(p) for p in sorted((etl_dir / split).glob("*.parquet"))], ignore_index=True)
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties averaged."""
-    ranks = pd.Series(scores).rank().to_numpy()
-    pos = labels == 1
-    n_pos, n_neg = pos.sum(), (~pos).sum()
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def predict_valid(model_dir: Path, etl_dir: Path) -> np.ndarray:

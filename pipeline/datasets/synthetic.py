@@ -28,6 +28,7 @@ from scipy.special import ndtr
 
 from pipeline.datasets import ml1m, ml100k
 from pipeline.atomic import atomic_dir
+from pipeline.metrics import roc_auc
 from pipeline.datasets.constants import (
     AGE_RANGES,
     GENRES,
@@ -118,17 +119,6 @@ def read_oracle(raw_dir: str | Path) -> pd.DataFrame:
             f"{path}: no oracle here; only synthetic raw dirs (pipeline.datasets.generate_synthetic) have one"
         )
     return pd.read_parquet(path)
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` (n,) for binary ``labels`` (n,); ties count one half."""
-    labels = np.asarray(labels).astype(bool)
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUC needs both positive and negative labels")
-    ranks = pd.Series(np.asarray(scores)).rank(method="average").to_numpy()
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def generate_synthetic(

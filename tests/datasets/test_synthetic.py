@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.datasets import generate_synthetic, read_movielens, read_oracle, read_synthetic_params
 from pipeline.datasets.constants import ML1M_RATING_SHARES
-from pipeline.datasets.synthetic import roc_auc
+from pipeline.metrics import roc_auc
 from pipeline.errors import DataError
 
 SMALL = dict(n_users=400, n_movies=300, n_ratings=40_000)
