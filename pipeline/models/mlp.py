@@ -68,6 +68,20 @@ class MLPBlock(Block):
             for i in range(len(self.dimensions))
         ]
 
+    def build(self, input_shape):
+        # Build the sublayers here so a reloaded model has its weights before the first call
+        # (Keras restores weights right after build()).
+        if isinstance(input_shape, Mapping):
+            shape = (None, sum(int(s[-1]) for s in input_shape.values()))
+        else:
+            shape = tuple(input_shape)
+        for dense, norm in zip(self.dense_layers, self.norm_layers):
+            dense.build(shape)
+            shape = (*shape[:-1], dense.units)
+            if norm is not None:
+                norm.build(shape)
+        super().build(input_shape)
+
     def call(self, inputs, training=None):
         x = self.concat(inputs) if isinstance(inputs, Mapping) else inputs
         for dense, norm, drop, act in zip(self.dense_layers, self.norm_layers, self.dropout_layers, self._activations):
