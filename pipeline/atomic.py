@@ -32,12 +32,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, path)
+
+
+def replace_dir(finished: str | Path, path: str | Path) -> None:
+    """Rename the complete directory ``finished`` onto ``path``, replacing what was there."""
+    finished, path = Path(finished), Path(path)
     old = None
     if path.exists():
         # Move the old output aside first: rename cannot replace a non-empty directory.
         old = _sibling(path, "old")
         path.rename(old)
-    tmp.rename(path)
+    finished.rename(path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

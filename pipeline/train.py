@@ -25,6 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
+from pipeline.atomic import replace_dir
 from pipeline.errors import ArtifactError, DataError
 from pipeline.manifest import write_manifest
 
@@ -264,7 +265,7 @@ def train_model(
     }
     _write_outputs(net, work, data_dir, config, metrics)
     write_manifest(work)  # the predictor loads only a model dir whose checksums match
-    _replace_dir(work, out_dir)
+    replace_dir(work, out_dir)
     logger.info("model written to %s; valid %s", out_dir, {k: round(v, 4) for k, v in metrics["valid"].items()})
     return metrics
 
@@ -307,18 +308,6 @@ def _write_outputs(net, work: Path, data_dir: Path, config: dict, metrics: dict)
     }
     (work / "config.json").write_text(json.dumps(config, indent=2))
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
-
-
-def _replace_dir(work: Path, out_dir: Path) -> None:
-    # Rename the finished directory into place; an existing output is moved aside first, removed after.
-    old = out_dir.with_name(out_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out_dir.exists():
-        out_dir.rename(old)
-    work.rename(out_dir)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 # --------------------------------------------------------------------------- CLI
