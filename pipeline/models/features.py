@@ -43,6 +43,25 @@ def _input_columns(schema: Schema, tags) -> Schema:
     return schema.select_by_tag(tags).excluding_by_tag(Tags.TARGET)
 
 
+def table_spec(col, embedding_dim: int | None, embedding_dims: Mapping[str, int] | None) -> dict:
+    """``{"cardinality", "dim"}`` of ``col``'s table: a per-feature width, else the shared one, else the schema's."""
+    dim = (embedding_dims or {}).get(col.name) or embedding_dim or default_dimension(col)
+    return {"cardinality": cardinality(col), "dim": int(dim)}
+
+
+def embedding_tables(tables: Mapping[str, Mapping]) -> dict:
+    """One ``keras.layers.Embedding`` per ``{name: {"cardinality", "dim"}}``."""
+    return {
+        name: keras.layers.Embedding(
+            int(spec["cardinality"]),
+            int(spec["dim"]),
+            embeddings_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
+            name=f"embedding_{name}",
+        )
+        for name, spec in tables.items()
+    }
+
+
 @register
 class EmbeddingFeatures(Block):
     """Embedding lookups for categorical features: ``{name: ids}`` -> ``{name: (batch, dim)}``.
@@ -66,15 +85,7 @@ class EmbeddingFeatures(Block):
         self.combiner = combiner
         self.l2_regularization = float(l2_regularization)
         self.feature_names = list(self.tables_config)
-        self.embeddings = {
-            name: keras.layers.Embedding(
-                int(spec["cardinality"]),
-                int(spec["dim"]),
-                embeddings_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
-                name=f"embedding_{name}",
-            )
-            for name, spec in self.tables_config.items()
-        }
+        self.embeddings = embedding_tables(self.tables_config)
 
     @classmethod
     def from_schema(
@@ -99,8 +110,7 @@ class EmbeddingFeatures(Block):
         for col in columns:
             if col.is_list and not include_lists:
                 continue
-            dim = (embedding_dims or {}).get(col.name) or embedding_dim or default_dimension(col)
-            tables[col.name] = {"cardinality": cardinality(col), "dim": int(dim), "is_list": bool(col.is_list)}
+            tables[col.name] = {**table_spec(col, embedding_dim, embedding_dims), "is_list": bool(col.is_list)}
         if not tables:
             raise DataError(f"the schema has no categorical input columns (columns: {schema.column_names})")
         return cls(tables, combiner=combiner, l2_regularization=l2_regularization, **kwargs)
@@ -145,15 +155,7 @@ class SequenceEmbeddingFeatures(Block):
         self.tables_config = {name: {**dict(spec), "is_list": True} for name, spec in tables.items()}
         self.combiner = combiner
         self.feature_names = list(self.tables_config)
-        self.embeddings = {
-            name: keras.layers.Embedding(
-                int(spec["cardinality"]),
-                int(spec["dim"]),
-                embeddings_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
-                name=f"embedding_{name}",
-            )
-            for name, spec in self.tables_config.items()
-        }
+        self.embeddings = embedding_tables(self.tables_config)
 
     @classmethod
     def from_schema(
@@ -170,8 +172,7 @@ class SequenceEmbeddingFeatures(Block):
         tables = {}
         for col in _input_columns(schema, tags):
             if col.is_list:
-                dim = (embedding_dims or {}).get(col.name) or embedding_dim or default_dimension(col)
-                tables[col.name] = {"cardinality": cardinality(col), "dim": int(dim)}
+                tables[col.name] = table_spec(col, embedding_dim, embedding_dims)
         if not tables:
             raise DataError(f"the schema has no list-valued categorical columns (columns: {schema.column_names})")
         return cls(tables, combiner=combiner, **kwargs)
