@@ -72,12 +72,7 @@ class Block(keras.layers.Layer):
 
     def input_feature_names(self) -> list[str]:
         """Raw input features this block (and every block inside it) reads, in first-seen order."""
-        names: list[str] = []
-        for layer in self._flatten_layers(include_self=True, recursive=True):
-            for name in getattr(layer, "feature_names", ()):
-                if name not in names:
-                    names.append(name)
-        return names
+        return input_feature_names(self)
 
 
 @register
@@ -216,3 +211,13 @@ def _call(layer: keras.layers.Layer, inputs, training):
     if getattr(layer, "_call_has_training_arg", False):
         return layer(inputs, training=training)
     return layer(inputs)
+
+
+def input_feature_names(layer: keras.layers.Layer) -> list[str]:
+    """Raw input features read by ``layer`` and every layer inside it (their ``feature_names``), first-seen order."""
+    names: list[str] = []
+    for sub in layer._flatten_layers(include_self=True, recursive=True):
+        for name in getattr(sub, "feature_names", ()):
+            if name not in names:
+                names.append(name)
+    return names

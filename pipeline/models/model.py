@@ -17,7 +17,7 @@ from merlin.schema import Schema
 
 from pipeline.errors import DataError
 from pipeline.loader import Loader
-from pipeline.models.core import deserialize, register, serialize
+from pipeline.models.core import deserialize, input_feature_names, register, serialize
 from pipeline.models.features import ContinuousFeatures, EmbeddingFeatures, SequenceEmbeddingFeatures
 from pipeline.models.outputs import OutputBlock
 
@@ -49,12 +49,7 @@ class Model(keras.Model):
 
     def input_feature_names(self) -> list[str]:
         """The raw feature columns the model reads (from its embedding and continuous blocks)."""
-        names: list[str] = []
-        for layer in self._flatten_layers(include_self=False, recursive=True):
-            for name in getattr(layer, "feature_names", ()):
-                if name not in names:
-                    names.append(name)
-        return names
+        return input_feature_names(self.block)
 
     def call(self, inputs, training=None):
         if self._input_spec_record is None and isinstance(inputs, Mapping):
