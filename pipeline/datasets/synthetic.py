@@ -178,12 +178,17 @@ class SyntheticSample:
     users: userId, gender, age_group (0-6), occupation (0-20), zipcode.
     movies: movieId, title, year, genre_flags (n_movies, 18) bool in GENRES order.
     ratings: userId, movieId, rating (1-5), timestamp, p_positive; sorted by user, then time.
+    truth: the planted parameters, for studying what is learnable (row i of ratings <-> user_idx[i],
+        movie_idx[i]): user_bias (n_users,), user_factors (n_users, rank), movie_bias (n_movies,),
+        movie_factors (n_movies, rank), genre_factors (18, rank), taste (n_users, 18) = the demographic x
+        genre effects, n_genres (n_movies,), thresholds (4,) between star levels, score and latent (n_ratings,).
     """
 
     users: pd.DataFrame
     movies: pd.DataFrame
     genre_flags: np.ndarray
     ratings: pd.DataFrame
+    truth: dict | None = None
 
 
 def sample_movielens(params: dict) -> SyntheticSample:
@@ -291,8 +296,14 @@ def sample_movielens(params: dict) -> SyntheticSample:
             "p_positive": p_positive,
         }
     )
-    ratings = ratings.sort_values(["userId", "timestamp", "movieId"], kind="stable", ignore_index=True)
-    return SyntheticSample(users=users, movies=movies, genre_flags=genre_flags, ratings=ratings)
+    order = np.lexsort((ratings["movieId"].to_numpy(), timestamp, user_idx))  # = sort by user, time, movie
+    ratings = ratings.iloc[order].reset_index(drop=True)
+    truth = dict(
+        user_bias=user_bias, user_factors=user_factors, movie_bias=movie_bias, movie_factors=movie_factors,
+        genre_factors=genre_factors, taste=taste, n_genres=n_genres, thresholds=thresholds,
+        user_idx=user_idx[order], movie_idx=movie_idx[order], score=score[order], latent=latent[order],
+    )
+    return SyntheticSample(users=users, movies=movies, genre_flags=genre_flags, ratings=ratings, truth=truth)
 
 
 def _ratings_per_user(n_users: int, n_ratings: int, cap: int, rng: np.random.Generator) -> np.ndarray:
