@@ -165,3 +165,23 @@ def test_ml100k_files_have_the_original_layout(tmp_path):
     assert len(test) == 500 and test == sorted(test)
     again = generate_synthetic(tmp_path / "again", fmt="ml-100k", n_users=50, n_movies=70, n_ratings=2_500, seed=5)
     assert _digest(again) == _digest(out)
+
+
+def test_planted_parameters_rebuild_every_rating(synthetic_raw):
+    from scipy.special import ndtr
+
+    from pipeline.datasets.synthetic import sample_movielens
+
+    sample = sample_movielens(read_synthetic_params(synthetic_raw))
+    truth, ratings = sample.truth, sample.ratings
+    user, movie = truth["user_idx"], truth["movie_idx"]
+    assert (ratings["userId"].to_numpy() == user + 1).all()
+    genres = sample.genre_flags[movie] / np.sqrt(truth["n_genres"][movie])[:, None]
+    score = (truth["user_bias"][user] + truth["movie_bias"][movie]
+             + np.einsum("nk,nk->n", truth["user_factors"][user], truth["movie_factors"][movie])
+             + np.einsum("ng,ng->n", truth["taste"][user], genres))
+    np.testing.assert_allclose(score, truth["score"], atol=1e-12)
+    # The star is the latent cut at the thresholds; the oracle on disk is P(latent > the 3|4 threshold).
+    stars = 1 + np.searchsorted(truth["thresholds"], truth["latent"], side="right")
+    assert (stars == ratings["rating"].to_numpy()).all()
+    np.testing.assert_allclose(read_oracle(synthetic_raw)["p_positive"], ndtr(score - truth["thresholds"][2]))
