@@ -267,9 +267,10 @@ class Predictor:
 
         inputs = _model_inputs(model, trained_schema, etl_dir)
         features = trained_schema.select_by_name([i.name for i in inputs])
-        target_schema = trained_schema.select_by_tag(Tags.TARGET)
-        binary = target_schema.select_by_tag(Tags.BINARY_CLASSIFICATION).column_names
-        target = (binary or target_schema.column_names or ["score"])[0]
+        # The model's first head is its primary target (pipeline.train.default_targets puts binary first).
+        target = (list(getattr(model, "target_names", None) or [])
+                  or trained_schema.select_by_tag(Tags.TARGET).select_by_tag(Tags.BINARY_CLASSIFICATION).column_names
+                  or ["score"])[0]
 
         metadata = {
             "model": {"dir": str(model_dir), "file": "model.keras", "name": getattr(model, "name", None),

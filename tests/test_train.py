@@ -28,7 +28,9 @@ def predict_valid(model_dir: Path, etl_dir: Path) -> np.ndarray:
     import pipeline.models  # noqa: F401  (registers the layers)
 
     model = keras.saving.load_model(model_dir / "model.keras")
-    return model.predict(Dataset(str(etl_dir / "valid"), engine="parquet"), batch_size=4096, verbose=0)[:, 0]
+    scores = model.predict(Dataset(str(etl_dir / "valid"), engine="parquet"), batch_size=4096, verbose=0)
+    # A multi-task model answers {target: (rows, 1)}; its first target is the one scored.
+    return np.asarray(scores[model.target_names[0]] if isinstance(scores, dict) else scores)[:, 0]
 
 
 def test_model_dir_holds_model_export_metrics_schema_and_config(model_dir, etl_dir):
@@ -43,10 +45,13 @@ def test_model_dir_holds_model_export_metrics_schema_and_config(model_dir, etl_d
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert set(metrics["valid"]) >= {"auc", "logloss", "accuracy"}
     assert 0.5 < metrics["valid"]["auc"] <= 1.0
+    # Default: every target of the schema; the binary one comes first and is reported unprefixed too.
+    assert metrics["targets"] == ["rating_binary", "rating"]
+    assert metrics["valid"]["auc"] == metrics["valid"]["rating_binary_auc"] and metrics["valid"]["rating_rmse"] > 0
     (epoch,) = metrics["epochs"]
     assert epoch["seconds"] > 0 and epoch["samples_per_second"] == pytest.approx(metrics["train_rows"] / epoch["seconds"], rel=0.01)
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["model"] == "dlrm" and config["batch_size"] == 1024 and config["targets"] == ["rating_binary"]
+    assert config["model"] == "dlrm" and config["batch_size"] == 1024 and config["targets"] == ["rating_binary", "rating"]
     assert config["schema_fingerprint"] == schema_fingerprint(Dataset(str(etl_dir / "train"), engine="parquet").schema)
     assert (model_dir / "schema.pbtxt").read_text() == (etl_dir / "train" / "schema.pbtxt").read_text()
 
@@ -62,7 +67,10 @@ def test_saved_model_export_scores_like_the_keras_model(model_dir, etl_dir):
     features = mm.sample_batch(Dataset(str(etl_dir / "valid"), engine="parquet"), 64, include_targets=False)
     exported = tf.saved_model.load(str(model_dir / "saved_model"))
     served = exported.serve({k: v for k, v in features.items() if k in model.input_feature_names()})
-    np.testing.assert_allclose(np.asarray(served), model.predict(features, verbose=0), rtol=1e-5, atol=1e-6)
+    expected = model.predict(features, verbose=0)
+    assert set(served) == set(expected) == {"rating_binary", "rating"}  # one output per head
+    for target in expected:
+        np.testing.assert_allclose(np.asarray(served[target]), expected[target], rtol=1e-5, atol=1e-6)
 
 
 def test_dlrm_beats_a_popularity_baseline_by_a_clear_margin(model_dir, etl_dir):
