@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from machine import describe_machine  # benchmarks/machine.py (the script's own folder is on sys.path)
+from machine import describe_machine, write_results  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -340,10 +340,8 @@ def main() -> None:
     results["cli_wall"] = min(runs["cli_wall"])
     meta["repeat"] = args.repeat
     meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.with_suffix(".json").write_text(json.dumps({"meta": meta, "best": results, "runs": runs}, indent=2) + "\n")
     text = report(results, meta)
-    args.results.with_suffix(".md").write_text(text)
+    write_results(args.results, {"meta": meta, "best": results, "runs": runs}, text)
     print(text)
 
 

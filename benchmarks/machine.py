@@ -1,10 +1,12 @@
-"""What every benchmark result records about the machine it ran on (imported by the benchmark scripts)."""
+"""What every benchmark result records about the machine it ran on, and how results are written
+(imported by the benchmark scripts)."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
 import platform
+from pathlib import Path
 
 PACKAGES = ("nvtabular", "merlin-core", "merlin-dataloader", "tensorflow-cpu", "keras", "pandas", "numpy", "pyarrow",
             "dask")
@@ -24,3 +26,13 @@ def describe_machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1), "gpu": "none (CPU run)",
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
             "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def write_results(stem: Path, report: dict, markdown: str) -> None:
+    """Write ``stem``.json (every figure) and ``stem``.md (their table), creating the folder."""
+    import json
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_name(stem.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_name(stem.name + ".md").write_text(markdown)

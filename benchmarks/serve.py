@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from machine import describe_machine  # benchmarks/machine.py (the script's own folder is on sys.path)
+from machine import describe_machine, write_results  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 import numpy as np
 import pandas as pd
@@ -242,9 +242,7 @@ def main() -> int:
     info["load_average_at_end"] = os.getloadavg()
     report = {**info, "results": results}
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "serve.md").write_text(render(report))
+    write_results(args.out / "serve", report, render(report))
     print(render(report))
     return 0
 

@@ -33,7 +33,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pipeline  # noqa: E402,F401  (dask settings before merlin)
-from machine import describe_machine  # noqa: E402  (benchmarks/machine.py)
+from machine import describe_machine, write_results  # noqa: E402  (benchmarks/machine.py)
 from pipeline.metrics import binary_logloss as logloss, roc_auc as auc  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,8 +142,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the train stage's")
-    parser.add_argument("--embedding-dim", type=int, default=64)
+    parser.add_argument("--embedding-dim", type=int, default=None, help="default: the train stage's")
     parser.add_argument("--embeddings-l2", type=float, default=None, help="default: the train stage's")
+    parser.add_argument("--weight-decay", type=float, default=None, help="AdamW's; default: the train stage's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "train.json")
     args = parser.parse_args()
@@ -157,6 +158,11 @@ def main() -> int:
 
     lr = args.learning_rate or DEFAULTS["learning_rate"]
     l2 = DEFAULTS["embeddings_l2"] if args.embeddings_l2 is None else args.embeddings_l2
+    wd = DEFAULTS["weight_decay"] if args.weight_decay is None else args.weight_decay
+    dim = args.embedding_dim or DEFAULTS["embedding_dim"]
+
+    def optimizer():
+        return keras.optimizers.AdamW(lr, weight_decay=wd) if wd else keras.optimizers.Adam(lr)
     load_start = os.getloadavg()
     train_ds = Dataset(str(args.data / "train"), engine="parquet")
     valid_ds = Dataset(str(args.data / "valid"), engine="parquet")
@@ -164,16 +170,15 @@ def main() -> int:
     tf.config.experimental.enable_op_determinism()
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": describe_machine(),
                "config": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": lr,
-                          "embedding_dim": args.embedding_dim, "embeddings_l2": l2, "seed": args.seed, "train_rows": train_rows,
+                          "embedding_dim": dim, "embeddings_l2": l2, "weight_decay": wd, "seed": args.seed, "train_rows": train_rows,
                           "valid_rows": valid_rows, "data": str(args.data)},
                "versions": {"tensorflow": tf.__version__, "keras": keras.__version__}}
 
     # --- ours: schema -> DLRMModel, fit / predict on merlin Datasets through the Loader
     print("ours: DLRMModel on the merlin Loader", flush=True)
     keras.utils.set_random_seed(args.seed)
-    ours = mm.DLRMModel(train_ds.schema, args.embedding_dim, prediction_tasks=mm.BinaryOutput("rating_binary"),
-                        embeddings_l2=l2)
-    ours.compile(optimizer=keras.optimizers.Adam(lr))
+    ours = mm.DLRMModel(train_ds.schema, dim, prediction_tasks=mm.BinaryOutput("rating_binary"), embeddings_l2=l2)
+    ours.compile(optimizer=optimizer())
     records: list = []
     started = time.perf_counter()
     ours.fit(train_ds, batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, validation_data=valid_ds,
@@ -199,8 +204,8 @@ def main() -> int:
     x_valid, y_valid = in_memory_arrays(args.data / "valid", features, widths, "rating_binary")
     arrays_seconds = time.perf_counter() - t
     keras.utils.set_random_seed(args.seed)
-    plain = plain_keras_dlrm(train_ds.schema, features, widths, args.embedding_dim, l2)
-    plain.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy",
+    plain = plain_keras_dlrm(train_ds.schema, features, widths, dim, l2)
+    plain.compile(optimizer=optimizer(), loss="binary_crossentropy",
                   metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryCrossentropy(name="logloss")])
     records = []
     started = time.perf_counter()
@@ -218,9 +223,7 @@ def main() -> int:
 
     results["oracle"] = oracle_auc(args.data)
     results["load_average"] = {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    args.out.with_suffix(".md").write_text(render(results))
+    write_results(args.out.with_suffix(""), results, render(results))
     print(render(results))
     return 0
 
@@ -234,7 +237,8 @@ def render(r: dict) -> str:
         f"Python {r['machine']['python']}; load average at start {r['load_average']['start']} (other jobs share the machine)  ",
         f"Data: {r['config']['train_rows']:,} train / {r['config']['valid_rows']:,} valid rows; batch {r['config']['batch_size']}, "
         f"lr {r['config']['learning_rate']}, embedding dim {r['config']['embedding_dim']}, "
-        f"embeddings L2 {r['config']['embeddings_l2']}, seed {r['config']['seed']}",
+        f"embeddings L2 {r['config']['embeddings_l2']}, AdamW weight decay {r['config'].get('weight_decay', 0)}, "
+        f"seed {r['config']['seed']}; both models have the binary head only (same layers)",
         "",
         "| model | epoch | train samples/s | seconds | valid AUC | valid logloss |",
         "|---|---|---|---|---|---|",
