@@ -12,8 +12,11 @@ the old ``keras.utils.Sequence`` and skips ``PyDataset.__init__``, so Keras 3's 
 - targets (tag TARGET, or the names given) are split off: one target -> a ``(batch, 1)`` tensor,
   several -> a dict keyed by name.
 
-Shuffling reshuffles partitions and rows every epoch from ``seed + epoch``, so two runs with the
-same seed see the same batches.
+Shuffling reshuffles partitions and rows every epoch from ``seed`` and the epoch number, so two runs
+with the same seed see the same batches. Epochs are counted by complete passes over the data, not by
+``on_epoch_end``: Keras asks for the next epoch's first batch from its prefetch thread while it may
+still be calling ``on_epoch_end`` for the last one, so counting calls would make the shuffle depend on
+thread timing.
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ class Loader(keras.utils.PyDataset):
         include_targets: ``False`` yields features only (for ``predict``).
         drop_last: drop the final partial batch.
         parts_per_chunk: partitions concatenated (and shuffled together) per chunk.
+        first_epoch: the epoch number of the first pass (a resumed run continues the shuffles of
+            an uninterrupted one).
 
     Each item is ``(features, targets)`` (or ``features``): features maps a column name to a
     ``(batch, 1)`` tensor, or ``(batch, max_len)`` for list columns.
@@ -111,6 +116,7 @@ class Loader(keras.utils.PyDataset):
         include_targets: bool = True,
         drop_last: bool = False,
         parts_per_chunk: int = 1,
+        first_epoch: int = 0,
     ):
         super().__init__(workers=1, use_multiprocessing=False)
         from merlin.dataloader.tensorflow import Loader as MerlinLoader
@@ -139,7 +145,7 @@ class Loader(keras.utils.PyDataset):
         self.schema: Schema = schema.select_by_name([*self.feature_names, *self.target_names])
         lists = list_columns(dataset)
         self.list_widths = list_max_lengths(dataset, [n for n in self.feature_names if n in lists])
-        self._epoch = 0
+        self._epoch = int(first_epoch)
 
         # The merlin loader reads only schema columns and treats TARGET-tagged ones as labels:
         # give it a copy of the dataset whose schema is exactly what we load, tagged accordingly.
@@ -154,23 +160,30 @@ class Loader(keras.utils.PyDataset):
         self.num_rows = int(dataset.num_rows)  # from parquet footers: no data read
         if self.num_rows == 0:
             raise DataError(f"the dataset is empty (0 rows in {_paths(dataset)})")
+        # merlin shuffles with numpy's global generator, from its reader thread: any other draw from
+        # that generator meanwhile (another loader, another library) changes the order. We keep its
+        # reading, chunking and tensor building but shuffle with a generator of our own per pass.
         self._merlin = MerlinLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            seed_fn=self._epoch_seed,
+            shuffle=False,
             parts_per_chunk=parts_per_chunk,
             drop_last=drop_last,
         )
+        self._partitions = self._merlin.indices.copy()
+        self._rng = np.random.default_rng([self.seed, self._epoch])
+        if shuffle:
+            make_tensors = self._merlin.make_tensors
+
+            def shuffled_tensors(frame, *args, **kwargs):
+                # Called from merlin's reader thread with each chunk (whole batches) and the final spill.
+                frame = frame.sample(frac=1.0, random_state=int(self._rng.integers(2**32)))
+                return make_tensors(frame.reset_index(drop=True), *args, **kwargs)
+
+            self._merlin.make_tensors = shuffled_tensors
         self._num_batches = len(self._merlin)
         self._next_index = self._pulled = 0  # next batch index asked for / batches read in this pass
         self._head: list = []  # the first batches of this pass, kept for a replay
-        self._stale = True  # no pass started yet
-
-    def _epoch_seed(self) -> int:
-        # merlin seeds numpy's global generator with this before shuffling partitions; the
-        # per-chunk row shuffle (DataFrame.sample) then draws from the same seeded stream.
-        return (self.seed * 1_000_003 + self._epoch) % (2**32)
 
     @property
     def num_batches(self) -> int:
@@ -182,8 +195,11 @@ class Loader(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         # merlin's loader is an iterator: index 0 starts a pass, other indices must come in order.
         if index == 0:
-            if self._stale or not 0 < self._pulled <= len(self._head):
+            if self._pulled >= self._num_batches:  # the last pass was read to the end: next epoch
+                self._epoch += 1
                 self._restart()
+            elif self._pulled == 0 or self._pulled > len(self._head):
+                self._restart()  # the first pass, or one abandoned midway (same epoch, same order)
             # else: only the first batch(es) of this pass were read (Keras reads two to learn the
             # tensor specs before the epoch starts): replay them instead of re-reading the data.
         elif index != self._next_index:
@@ -206,16 +222,14 @@ class Loader(keras.utils.PyDataset):
             yield self[index]
 
     def _restart(self) -> None:
-        self._merlin.stop()
-        np.random.seed(self._epoch_seed())
+        self._merlin.stop()  # joins the reader thread: nothing else uses self._rng now
+        if self.shuffle:
+            self._rng = np.random.default_rng([self.seed, self._epoch])
+            order = self._rng.permutation(len(self._partitions))
+            self._merlin.indices = self._partitions[order]
         self._merlin.__iter__()
         self._next_index = self._pulled = 0
         self._head = []
-        self._stale = False
-
-    def on_epoch_end(self) -> None:
-        self._epoch += 1
-        self._stale = True  # the next pass reshuffles with the next epoch's seed
 
     def _format(self, batch):
         raw, labels = batch

@@ -51,8 +51,7 @@ def test_reshuffles_every_epoch_and_the_seed_fixes_the_order(valid):
 
     loader = Loader(valid, 512, shuffle=True, seed=7)
     first = epoch_rows(loader, "userId", "movieId")
-    loader.on_epoch_end()
-    second = epoch_rows(loader, "userId", "movieId")
+    second = epoch_rows(loader, "userId", "movieId")  # a complete pass: the next one is a new epoch
     assert first != second and sorted(first) == sorted(second)
 
     again = Loader(valid, 512, shuffle=True, seed=7)
