@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -37,7 +38,8 @@ MODELS = ("dlrm",)
 # rising through epoch 3 and beats the per-batch embeddings L2 (0.7998 vs 0.7947 on default-size synthetic
 # ml-1m, oracle 0.848); 16 also trains faster than 64 (the generator's true rank is 8).
 DEFAULTS = dict(model="dlrm", epochs=3, batch_size=1024, learning_rate=2e-3, embedding_dim=16, embeddings_l2=0.0,
-                weight_decay=1.0, seed=0)
+                weight_decay=1.0, lr_schedule="cosine", seed=0)
+LR_SCHEDULES = ("cosine", "constant")
 CHECKPOINTS = "checkpoints"
 
 
@@ -69,6 +71,26 @@ def schema_fingerprint(schema) -> str:
         )
     rows.sort(key=lambda r: r[0])
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- optimizer
+def make_optimizer(learning_rate: float, weight_decay: float, lr_schedule: str, total_steps: int):
+    """AdamW (plain Adam when ``weight_decay`` is 0) with a constant or cosine-decayed learning rate.
+
+    ``"cosine"`` decays from ``learning_rate`` to 5 % of it over ``total_steps`` (all epochs asked for):
+    large steps while the embeddings are far from their values, small ones once the noise of single
+    batches dominates.
+    """
+    import keras
+
+    rate = learning_rate
+    if lr_schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, total_steps), alpha=0.05)
+    if weight_decay:
+        # Decoupled weight decay shrinks every weight each step, unlike an L2 loss term whose gradient
+        # Adam rescales away.
+        return keras.optimizers.AdamW(learning_rate=rate, weight_decay=weight_decay)
+    return keras.optimizers.Adam(learning_rate=rate)
 
 
 # --------------------------------------------------------------------------- targets
@@ -194,6 +216,7 @@ def train_model(
     embedding_dim: int = DEFAULTS["embedding_dim"],
     embeddings_l2: float = DEFAULTS["embeddings_l2"],
     weight_decay: float = DEFAULTS["weight_decay"],
+    lr_schedule: str = DEFAULTS["lr_schedule"],
     seed: int = DEFAULTS["seed"],
     early_stopping: bool = False,
     resume: bool = False,
@@ -212,6 +235,8 @@ def train_model(
         raise DataError(f"--epochs must be at least 1, got {epochs}")
     if batch_size < 1:
         raise DataError(f"--batch-size must be positive, got {batch_size}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise DataError(f"--lr-schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     train_ds, valid_ds = _open_split(data_dir, "train"), _open_split(data_dir, "valid")
     schema = train_ds.schema
     fingerprint = schema_fingerprint(schema)
@@ -230,7 +255,8 @@ def train_model(
 
     config = {
         "model": model, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-        "embedding_dim": embedding_dim, "embeddings_l2": embeddings_l2, "weight_decay": weight_decay, "seed": seed,
+        "embedding_dim": embedding_dim, "embeddings_l2": embeddings_l2, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
+        "seed": seed,
         "early_stopping": early_stopping,
         "data_dir": str(data_dir.resolve()), "schema_fingerprint": fingerprint,
     }
@@ -242,6 +268,8 @@ def train_model(
 
     checkpoint = _resume_point(work, out_dir) if resume else None
     if checkpoint is not None:
+        import pipeline.models  # noqa: F401  (registers the layers a checkpoint names)
+
         net = keras.saving.load_model(checkpoint)
         prior = json.loads((checkpoint.parent / "history.json").read_text())
         history.extend(prior)
@@ -254,11 +282,8 @@ def train_model(
             logger.info("already trained for %d epochs (asked for %d): nothing to fit", initial_epoch, epochs)
     else:
         net = _build_model(model, schema, embedding_dim, targets, embeddings_l2)  # schema errors surface before any output
-        # Decoupled weight decay (AdamW) shrinks every weight each step, unlike the L2 loss term whose
-        # gradient Adam rescales away; 0 gives plain Adam.
-        optimizer = (keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay) if weight_decay
-                     else keras.optimizers.Adam(learning_rate=learning_rate))
-        net.compile(optimizer=optimizer)
+        net.compile(optimizer=make_optimizer(learning_rate, weight_decay, lr_schedule,
+                                             total_steps=epochs * math.ceil(train_rows / batch_size)))
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
@@ -268,13 +293,13 @@ def train_model(
     (work / CHECKPOINTS / "config.json").write_text(json.dumps(config, indent=2))
 
     try:
-        train_loader = net.make_loader(train_ds, batch_size, shuffle=True, seed=seed)
+        # first_epoch: the shuffle of epoch k is the same with or without --resume
+        train_loader = net.make_loader(train_ds, batch_size, shuffle=True, seed=seed, first_epoch=initial_epoch)
         valid_loader = net.make_loader(valid_ds, batch_size)
     except Exception:
         if not any((work / CHECKPOINTS).glob("epoch_*.keras")):
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave no trace
         raise
-    train_loader._epoch = initial_epoch  # the shuffle of epoch k is the same with or without --resume
     callbacks = [_epoch_callbacks(train_rows, work, history, net.target_names)]
     if early_stopping:
         primary = net.heads[0]
@@ -361,6 +386,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="L2 penalty on the embeddings used in each batch (0 to disable)")
     parser.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"],
                         help="AdamW decoupled weight decay on every weight (0: plain Adam)")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=DEFAULTS["lr_schedule"],
+                        help="cosine: decay the learning rate to 5%% of --learning-rate over all epochs")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--target", action="append", dest="targets", default=None,
                         help="target column to predict (repeat for multi-task; the first is the one scored); "
@@ -373,7 +400,7 @@ def main(args: argparse.Namespace) -> int:
     metrics = train_model(
         args.data, args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, embedding_dim=args.embedding_dim, embeddings_l2=args.embeddings_l2,
-        weight_decay=args.weight_decay, seed=args.seed,
+        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, seed=args.seed,
         early_stopping=args.early_stopping, resume=args.resume, targets=args.targets,
     )
     last = metrics["epochs"][-1] if metrics["epochs"] else {}

@@ -35,9 +35,10 @@ def etl_dir(synthetic_raw, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir(etl_dir, tmp_path_factory) -> Path:
-    """A DLRM trained for one epoch on ``etl_dir``: the saved Keras model, metrics.json, schema, config."""
+    """A DLRM trained with the train stage's defaults (3 epochs) on ``etl_dir``: the saved Keras model,
+    metrics.json, schema, config."""
     from pipeline.train import train_model
 
     out = tmp_path_factory.mktemp("models") / "dlrm"
-    train_model(etl_dir, out, model="dlrm", epochs=1, batch_size=1024, seed=0)
+    train_model(etl_dir, out, seed=0)
     return out

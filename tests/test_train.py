@@ -48,7 +48,8 @@ def test_model_dir_holds_model_export_metrics_schema_and_config(model_dir, etl_d
     # Default: every target of the schema; the binary one comes first and is reported unprefixed too.
     assert metrics["targets"] == ["rating_binary", "rating"]
     assert metrics["valid"]["auc"] == metrics["valid"]["rating_binary_auc"] and metrics["valid"]["rating_rmse"] > 0
-    (epoch,) = metrics["epochs"]
+    epoch = metrics["epochs"][-1]
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
     assert epoch["seconds"] > 0 and epoch["samples_per_second"] == pytest.approx(metrics["train_rows"] / epoch["seconds"], rel=0.01)
     config = json.loads((model_dir / "config.json").read_text())
     assert config["model"] == "dlrm" and config["batch_size"] == 1024 and config["targets"] == ["rating_binary", "rating"]
@@ -87,18 +88,52 @@ def test_dlrm_beats_a_popularity_baseline_by_a_clear_margin(model_dir, etl_dir):
     assert dlrm_auc > popularity_auc + 0.03, (dlrm_auc, popularity_auc)
 
 
-def test_same_seed_gives_the_same_model_and_resume_continues_the_same_run(etl_dir, tmp_path):
+def test_resume_extends_a_finished_run(etl_dir, tmp_path):
     from pipeline.train import train_model
 
     small = dict(seed=3, embedding_dim=16, batch_size=2048, verbose=0)
-    straight = train_model(etl_dir, tmp_path / "straight", epochs=2, **small)
-    train_model(etl_dir, tmp_path / "resumed", epochs=1, **small)
-    resumed = train_model(etl_dir, tmp_path / "resumed", epochs=2, resume=True, **small)
+    first = train_model(etl_dir, tmp_path / "model", epochs=1, **small)
+    # --resume on a finished model trains the extra epoch into a fresh copy, then swaps it in
+    extended = train_model(etl_dir, tmp_path / "model", epochs=2, resume=True, **small)
+    assert [e["epoch"] for e in extended["epochs"]] == [1, 2]
+    assert extended["epochs"][0] == first["epochs"][0]
+    assert json.loads((tmp_path / "model" / "metrics.json").read_text())["valid"] == extended["valid"]
+    assert not (tmp_path / "model.partial").exists()
 
-    # epoch 2 after a resume is the same epoch 2 (same weights, optimizer state and shuffle)
-    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
-    assert resumed["valid"] == straight["valid"]
-    np.testing.assert_array_equal(predict_valid(tmp_path / "resumed", etl_dir), predict_valid(tmp_path / "straight", etl_dir))
+
+def _train_cli(etl_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "train", "--data", str(etl_dir), "--out", str(out), "--epochs", "3",
+            "--batch-size", "2048", "--seed", "5", *extra]
+
+
+def test_same_seed_same_model_and_a_killed_run_resumes_where_it_stopped(etl_dir, tmp_path):
+    """kill -9 after the first epoch's checkpoint, then --resume: the same model as an uninterrupted run
+    with the same seed (weights, cosine schedule, optimizer state and shuffles continue). Each run is its
+    own process, as in use: within one process a second run does not reproduce the first exactly."""
+    import signal
+    import time
+
+    killed = tmp_path / "killed"
+    run = subprocess.Popen(_train_cli(etl_dir, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = killed.with_name("killed.partial") / "checkpoints" / "epoch_001.keras"
+    deadline = time.monotonic() + 300
+    while not first.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert first.exists() and not killed.exists()  # stopped mid-run, nothing in place
+
+    resumed = subprocess.run(_train_cli(etl_dir, killed, "--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = subprocess.run(_train_cli(etl_dir, tmp_path / "straight"), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    resumed_metrics = json.loads((killed / "metrics.json").read_text())
+    straight_metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert [e["epoch"] for e in resumed_metrics["epochs"]] == [1, 2, 3]
+    assert resumed_metrics["valid"] == straight_metrics["valid"]
+    np.testing.assert_array_equal(predict_valid(killed, etl_dir), predict_valid(tmp_path / "straight", etl_dir))
+    assert resumed_metrics["epochs"][0]["valid"] == straight_metrics["epochs"][0]["valid"]  # epoch 1 ran before the kill
 
 
 @pytest.fixture()
