@@ -170,8 +170,9 @@ class Loader(keras.utils.PyDataset):
             parts_per_chunk=parts_per_chunk,
             drop_last=drop_last,
         )
-        self._partitions = self._merlin.indices.copy()
-        self._rng = np.random.default_rng([self.seed, self._epoch])
+        # Partition order as a host array (merlin keeps a cupy one on GPU; it only slices and lists it).
+        self._partitions = np.asarray(self._merlin.indices.tolist())
+        self._rng = None  # this pass's generator, set by _restart
         if shuffle:
             make_tensors = self._merlin.make_tensors
 

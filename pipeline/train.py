@@ -148,8 +148,6 @@ def _open_split(data_dir: Path, split: str):
 
 
 def _build_model(name: str, schema, embedding_dim: int, targets: list[str] | None, embeddings_l2: float):
-    from merlin.schema import Tags
-
     import pipeline.models as mm
 
     if name not in MODELS:
