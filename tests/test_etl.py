@@ -229,7 +229,10 @@ def test_interrupt_during_fit_leaves_no_output(tmp_path):
     raw = generate_synthetic(tmp_path / "raw", fmt="ml-1m", seed=1, n_users=3000, n_movies=1800, n_ratings=400_000)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "pipeline", "etl", "--dataset", "ml-1m", "--raw", str(raw), "--out", "out"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    # A job started in the background inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child the default disposition, as in a terminal.
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stderr:
         if "etl split" in line:
             break
