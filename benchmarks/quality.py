@@ -48,6 +48,23 @@ from pipeline.metrics import roc_auc  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def ridge_per_group(groups, obs, offset, features, precision, mean=None) -> np.ndarray:
+    """Per group of rows, the posterior mean of w in ``obs - offset ~ [1, features] @ w`` under the prior
+    N(mean, precision^-1) (noise variance folded into ``precision``, a (1 + k, 1 + k) matrix).
+
+    ``obs``, ``offset`` (n,) and ``features`` (n, k) are per row; ``groups`` lists row indices per group.
+    Returns (n_groups, 1 + k): bias then weights; a group without rows gets its prior mean.
+    """
+    width = 1 + features.shape[1]
+    mean = np.zeros((len(groups), width)) if mean is None else mean
+    out = mean.copy()
+    for k, idx in enumerate(groups):
+        if idx.size:
+            x = np.hstack([np.ones((idx.size, 1)), features[idx]])
+            out[k] = np.linalg.solve(x.T @ x + precision, x.T @ (obs[idx] - offset[idx]) + precision @ mean[k])
+    return out
+
+
 def alternating_ridge(obs, user, movie, train, n_users, n_movies, rank, *, user_precision, movie_precision,
                       movie_mean=None, iters=8):
     """Fit obs[train] ~ b_u + b_m + <p_u, q_m> by alternating ridge solves (posterior means under Gaussian
@@ -65,20 +82,9 @@ def alternating_ridge(obs, user, movie, train, n_users, n_movies, rank, *, user_
     by_user = _groups(user[rows], n_users, rows)
     by_movie = _groups(movie[rows], n_movies, rows)
     lu, lm = np.diag(user_precision), np.diag(movie_precision)
-
-    def solve(groups, own, other_vec, other_bias_col, prior, mean):
-        for k, idx in enumerate(groups):
-            if idx.size == 0:
-                own[k] = mean[k] if mean is not None else 0.0
-                continue
-            x = np.hstack([np.ones((idx.size, 1)), other_vec[idx]])
-            target = obs[idx] - other_bias_col[idx]
-            rhs = x.T @ target + (prior @ mean[k] if mean is not None else 0.0)
-            own[k] = np.linalg.solve(x.T @ x + prior, rhs)
-
     for _ in range(iters):
-        solve(by_user, p, q[movie, 1:], q[movie, 0], lu, None)
-        solve(by_movie, q, p[user, 1:], p[user, 0], lm, movie_mean)
+        p = ridge_per_group(by_user, obs, q[movie, 0], q[movie, 1:], lu)
+        q = ridge_per_group(by_movie, obs, p[user, 0], p[user, 1:], lm, movie_mean)
     return lambda r: p[user[r], 0] + q[movie[r], 0] + np.einsum("nk,nk->n", p[user[r], 1:], q[movie[r], 1:])
 
 
@@ -145,13 +151,11 @@ def ceiling(raw: Path) -> dict:
 
     # Movies known: Bayesian linear regression of each user's (bias, factors) on the true movie factors.
     known = truth["movie_bias"][movie] + taste
-    x = np.hstack([np.ones((len(stars), 1)), truth["movie_factors"][movie]])
+    factors = truth["movie_factors"][movie]
     prior = noise_var * np.diag([1 / sd_user_bias**2] + [1 / sd_user_factor**2] * rank)
-    scores = known.copy()
-    for idx in _groups(user, n_users, np.arange(len(stars))):
-        fit_rows, score_rows = idx[train[idx]], idx[valid[idx]]
-        w = np.linalg.solve(x[fit_rows].T @ x[fit_rows] + prior, x[fit_rows].T @ (obs[fit_rows] - known[fit_rows]))
-        scores[score_rows] += x[score_rows] @ w
+    rows = np.flatnonzero(train)
+    w = ridge_per_group(_groups(user[rows], n_users, rows), obs, known, factors, prior)
+    scores = known + w[user, 0] + np.einsum("nk,nk->n", w[user, 1:], factors)
     out["movies_known"] = auc(scores[valid])
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
