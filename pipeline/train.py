@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -283,8 +282,6 @@ def train_model(
             logger.info("already trained for %d epochs (asked for %d): nothing to fit", initial_epoch, epochs)
     else:
         net = _build_model(model, schema, embedding_dim, targets, embeddings_l2)  # schema errors surface before any output
-        net.compile(optimizer=make_optimizer(learning_rate, weight_decay, lr_schedule,
-                                             total_steps=epochs * math.ceil(train_rows / batch_size)))
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
@@ -301,6 +298,9 @@ def train_model(
         if not any((work / CHECKPOINTS).glob("epoch_*.keras")):
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave no trace
         raise
+    if checkpoint is None:  # a resumed model keeps its optimizer and schedule from the checkpoint
+        net.compile(optimizer=make_optimizer(learning_rate, weight_decay, lr_schedule,
+                                             total_steps=epochs * len(train_loader)))
     callbacks = [_epoch_callbacks(train_rows, work, history, net.target_names)]
     if early_stopping:
         primary = net.heads[0]
