@@ -100,11 +100,20 @@ class DelimitedFile:
 
     def error(self, row: int, message: str) -> DataError:
         """A DataError naming the line that holds data row ``row`` (0-based, as in :meth:`read`'s frame)."""
+        self.files.verify(self.name)  # a damaged zip member is the error, not what its garbage says
+        found = self.line(row)
+        if found is None:
+            return DataError(f"{self.where}: {message}")
+        line_number, line = found
+        return DataError(f"{self.where} line {line_number}: {message}: {_preview(line, self.encoding)}")
+
+    def line(self, row: int) -> tuple[int, bytes] | None:
+        """(1-based line number, line) of data row ``row`` (0-based, as in :meth:`read`'s frame), or None."""
         for line_number, line in self._lines():
             if row == 0:
-                return DataError(f"{self.where} line {line_number}: {message}: {_preview(line, self.encoding)}")
+                return line_number, line
             row -= 1
-        return DataError(f"{self.where}: {message}")
+        return None
 
     def check(self, ok: np.ndarray, message: Callable[[int], str]) -> None:
         """Raise :meth:`error` for the first False in ``ok`` (rows,); ``message(row)`` says what is wrong."""
@@ -118,6 +127,7 @@ class DelimitedFile:
         with self.files.open(self.name) as f:
             first = f.readline().decode(self.encoding, errors="replace").rstrip("\r\n")
         if first.lstrip("\ufeff") != self.header:
+            self.files.verify(self.name)
             raise DataError(f"{self.where} line 1: expected the header {self.header!r}, found {first[:80]!r}")
 
     def _lines(self) -> Iterator[tuple[int, bytes]]:
@@ -132,6 +142,7 @@ class DelimitedFile:
     def _parse_error(self, parser_message: str) -> DataError:
         """Find the first malformed line: a DataError naming it (or quoting ``parser_message`` if none is found)."""
         names = ", ".join(c.name for c in self.columns)
+        self.files.verify(self.name)
         for line_number, raw in self._lines():
             prefix = f"{self.where} line {line_number}"
             try:

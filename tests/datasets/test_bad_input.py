@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import zipfile
@@ -32,6 +33,16 @@ def ml1m(tiny_ml1m, tmp_path):
 @pytest.fixture
 def ml100k(tiny_ml100k, tmp_path):
     return shutil.copytree(tiny_ml100k, tmp_path / "ml-100k")
+
+
+@pytest.fixture(scope="module")
+def tiny_ml25m(tiny_ml1m, tmp_path_factory, ml25m_from_ml1m):
+    return ml25m_from_ml1m(tiny_ml1m, tmp_path_factory.mktemp("raw") / "ml-25m")
+
+
+@pytest.fixture
+def ml25m(tiny_ml25m, tmp_path):
+    return shutil.copytree(tiny_ml25m, tmp_path / "ml-25m")
 
 
 def set_line(path, line_number: int, text: str, encoding: str = "latin-1"):
@@ -177,3 +188,74 @@ def test_ml25m_unbalanced_quote(tmp_path):
     movies = 'movieId,title,genres\n1,Heat (1995),Action\n2,"Broken, title (1995),Drama\n'
     ratings = "userId,movieId,rating,timestamp\n1,1,4.5,1\n"
     expect("ml-25m", make_ml25m(tmp_path / "a", ratings, movies), "movies.csv line 3")
+
+
+# -- a damaged zip member is a one-line DataError naming zip:member, whichever way it is read ------------
+
+
+def damage(archive, member: str, symptom: str, from_end: bool = False) -> None:
+    """Flip one byte of ``member``'s compressed data so that zipfile itself fails with ``symptom``.
+
+    The flipped byte is searched for (from the start, or backwards from the end), so the test does not
+    depend on the exact bytes a given zlib version writes.
+    """
+    data = archive.read_bytes()
+    info = zipfile.ZipFile(archive).getinfo(member)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    positions = range(info.compress_size)
+    for position in reversed(positions) if from_end else positions:
+        damaged = bytearray(data)
+        damaged[start + position] ^= 0x10
+        try:
+            zipfile.ZipFile(io.BytesIO(bytes(damaged))).read(member)
+        except Exception as err:  # noqa: BLE001 (we look for zipfile's own symptom)
+            if symptom in str(err):
+                archive.write_bytes(bytes(damaged))
+                return
+    raise AssertionError(f"no single flipped byte gives {symptom!r} in {member}")
+
+
+@pytest.mark.parametrize(
+    "variant, member, compression, symptom, from_end",
+    [
+        # '::' files are read whole (read_bytes); zlib notices the first bad deflate code at once ...
+        ("ml-1m", "ratings.dat", zipfile.ZIP_DEFLATED, "Error -3 while decompressing", False),
+        # ... or decompresses garbage that only the CRC at the end gives away.
+        ("ml-1m", "ratings.dat", zipfile.ZIP_DEFLATED, "Bad CRC-32", True),
+        ("ml-1m", "users.dat", zipfile.ZIP_DEFLATED, "Bad CRC-32", True),
+        # Single-byte separators are streamed into pyarrow's parser: the error is raised inside its reads.
+        ("ml-100k", "u.data", zipfile.ZIP_DEFLATED, "Error -3 while decompressing", False),
+        ("ml-100k", "u.data", zipfile.ZIP_DEFLATED, "Bad CRC-32", True),
+        ("ml-100k", "u.item", zipfile.ZIP_DEFLATED, "Error -3 while decompressing", False),
+        ("ml-100k", "ua.test", zipfile.ZIP_DEFLATED, "Bad CRC-32", True),
+        ("ml-25m", "ratings.csv", zipfile.ZIP_DEFLATED, "Error -3 while decompressing", False),
+        # A stored (uncompressed) header that no longer matches: the CRC, not a wrong header, is the error.
+        ("ml-25m", "ratings.csv", zipfile.ZIP_STORED, "Bad CRC-32", False),
+        # Zips repacked with other compressors: bzip2 raises OSError, lzma its own LZMAError.
+        ("ml-1m", "ratings.dat", zipfile.ZIP_BZIP2, "Invalid data stream", False),
+        ("ml-100k", "u.data", zipfile.ZIP_LZMA, "Corrupt input data", False),
+    ],
+)
+def test_a_damaged_zip_member_is_a_one_line_error_naming_it(
+    variant, member, compression, symptom, from_end, request, tmp_path, zip_folder
+):
+    folder = request.getfixturevalue(variant.replace("-", ""))
+    archive = zip_folder(folder, tmp_path / f"{variant}.zip", variant, compression)
+    damage(archive, f"{variant}/{member}", symptom, from_end)
+    message = expect(variant, archive, f"{archive}:{variant}/{member}: cannot read this file from the zip", symptom)
+    assert "\n" not in message
+
+
+def test_a_zip_cut_short_while_it_is_read_names_the_member(ml1m, tmp_path, zip_folder):
+    import os
+
+    from pipeline.datasets import ml1m as ml1m_reader
+    from pipeline.datasets.source import RawFiles
+
+    archive = zip_folder(ml1m, tmp_path / "ml-1m.zip", "ml-1m")
+    files = RawFiles(archive, "ml-1m", ml1m_reader.FILES)  # holds the zip open, as a reader does
+    info = zipfile.ZipFile(archive).getinfo("ml-1m/ratings.dat")
+    os.truncate(archive, info.header_offset + 30 + len(info.filename) + 100)  # e.g. overwritten meanwhile
+    for read in (lambda: files.read_bytes("ratings.dat"), lambda: files.open("ratings.dat").read()):
+        with pytest.raises(DataError, match="ml-1m/ratings.dat: .*the zip file ends inside this member"):
+            read()
