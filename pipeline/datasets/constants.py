@@ -86,6 +86,10 @@ ML100K_OCCUPATIONS = (
 
 GENDERS = ("M", "F")
 
+# The one rule for userId / movieId wherever they come from (raw files, predict input, serve requests):
+# non-negative int64 integers. Raw timestamps are non-negative too (seconds since 1970).
+ID_RULE = "ids are non-negative integers"
+
 # (lowest rating, highest rating, step) per variant: whole stars, or half stars for ml-25m.
 RATING_SCALE = {"ml-100k": (1.0, 5.0, 1.0), "ml-1m": (1.0, 5.0, 1.0), "ml-25m": (0.5, 5.0, 0.5)}
 

@@ -9,9 +9,11 @@ from pipeline.datasets.delimited import Column, DelimitedFile
 from pipeline.datasets.raw import (
     RawMovieLens,
     check_gender,
+    check_ids,
     check_known,
     check_unique,
     check_values,
+    drop_duplicate_ratings,
     finish_ratings,
     split_genres,
 )
@@ -37,16 +39,25 @@ def read_ml1m(path: str | Path) -> RawMovieLens:
     movies_file = DelimitedFile(files, "movies.dat", MOVIES, sep="::", encoding="latin-1")
 
     users = users_file.read()
+    check_ids(users_file, users, ("userId",))
     check_unique(users_file, users, "userId")
     check_gender(users_file, users)
     check_values(users_file, users, "age", ML1M_AGE_CODES)
     check_values(users_file, users, "occupation", range(len(ML1M_OCCUPATIONS)))
 
     movies = movies_file.read()
+    check_ids(movies_file, movies, ("movieId",))
     check_unique(movies_file, movies, "movieId")
     movies["genres"] = split_genres(movies["genres"])
 
     ratings = finish_ratings(ratings_file, ratings_file.read(), "ml-1m")
     check_known(ratings_file, ratings, "userId", users["userId"], users_file)
     check_known(ratings_file, ratings, "movieId", movies["movieId"], movies_file)
-    return RawMovieLens(variant="ml-1m", ratings=ratings, users=users, movies=movies)
+    ratings, dropped = drop_duplicate_ratings(ratings_file, ratings)
+    return RawMovieLens(
+        variant="ml-1m",
+        ratings=ratings.reset_index(drop=True),
+        users=users,
+        movies=movies,
+        duplicates_dropped=dropped,
+    )

@@ -6,7 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.datasets.delimited import Column, DelimitedFile
-from pipeline.datasets.raw import RawMovieLens, check_known, check_unique, finish_ratings, split_genres
+from pipeline.datasets.raw import (
+    RawMovieLens,
+    check_ids,
+    check_known,
+    check_unique,
+    drop_duplicate_ratings,
+    finish_ratings,
+    split_genres,
+)
 from pipeline.datasets.source import RawFiles
 
 FILES = ("ratings.csv", "movies.csv")
@@ -25,8 +33,12 @@ def read_ml25m(path: str | Path) -> RawMovieLens:
         files, "ratings.csv", RATINGS, sep=",", header="userId,movieId,rating,timestamp", encoding="utf-8"
     )
     movies = movies_file.read()
+    check_ids(movies_file, movies, ("movieId",))
     check_unique(movies_file, movies, "movieId")
     movies["genres"] = split_genres(movies["genres"], empty=NO_GENRES)
     ratings = finish_ratings(ratings_file, ratings_file.read(), "ml-25m")
     check_known(ratings_file, ratings, "movieId", movies["movieId"], movies_file)
-    return RawMovieLens(variant="ml-25m", ratings=ratings, users=None, movies=movies)
+    ratings, dropped = drop_duplicate_ratings(ratings_file, ratings)
+    return RawMovieLens(
+        variant="ml-25m", ratings=ratings.reset_index(drop=True), users=None, movies=movies, duplicates_dropped=dropped
+    )

@@ -259,3 +259,72 @@ def test_a_zip_cut_short_while_it_is_read_names_the_member(ml1m, tmp_path, zip_f
     for read in (lambda: files.read_bytes("ratings.dat"), lambda: files.open("ratings.dat").read()):
         with pytest.raises(DataError, match="ml-1m/ratings.dat: .*the zip file ends inside this member"):
             read()
+
+
+# -- ids and timestamps: non-negative integers, in every file that holds them --------------------------
+
+
+SEPARATORS = {
+    "ratings.dat": "::", "users.dat": "::", "movies.dat": "::",
+    "u.data": "\t", "ua.base": "\t", "ua.test": "\t", "u.user": "|", "u.item": "|",
+    "ratings.csv": ",", "movies.csv": ",",
+}
+
+
+def negate_field(folder, name: str, line_number: int, field: int) -> str:
+    """Make field ``field`` of line ``line_number`` negative; returns the negative value as written."""
+    sep = SEPARATORS[name]
+    fields = (folder / name).read_bytes().decode("latin-1").split("\n")[line_number - 1].split(sep)
+    fields[field] = f"-{fields[field]}"
+    set_line(folder / name, line_number, sep.join(fields))
+    return fields[field]
+
+
+@pytest.mark.parametrize(
+    "variant, name, line_number, field, column",
+    [
+        ("ml-1m", "ratings.dat", 4, 0, "userId"),
+        ("ml-1m", "ratings.dat", 4, 1, "movieId"),
+        ("ml-1m", "ratings.dat", 4, 3, "timestamp"),
+        ("ml-1m", "users.dat", 3, 0, "userId"),
+        ("ml-1m", "movies.dat", 3, 0, "movieId"),
+        ("ml-100k", "u.data", 5, 0, "userId"),
+        ("ml-100k", "u.data", 5, 1, "movieId"),
+        ("ml-100k", "u.data", 5, 3, "timestamp"),
+        ("ml-100k", "u.user", 2, 0, "userId"),
+        ("ml-100k", "u.item", 2, 0, "movieId"),
+        ("ml-100k", "ua.base", 6, 1, "movieId"),
+        ("ml-100k", "ua.test", 3, 0, "userId"),
+        ("ml-100k", "ua.test", 3, 3, "timestamp"),
+        ("ml-25m", "ratings.csv", 3, 0, "userId"),  # ml-25m has no users file: nothing else catches it
+        ("ml-25m", "ratings.csv", 3, 1, "movieId"),
+        ("ml-25m", "ratings.csv", 3, 3, "timestamp"),
+        ("ml-25m", "movies.csv", 2, 0, "movieId"),
+    ],
+)
+def test_negative_ids_and_timestamps_are_refused_with_file_and_line(
+    variant, name, line_number, field, column, request
+):
+    folder = request.getfixturevalue(variant.replace("-", ""))
+    value = negate_field(folder, name, line_number, field)
+    expect(variant, folder, f"{folder / name} line {line_number}: {column} {value} is negative")
+
+
+# -- a pair in both files of a ready-made split would be in train and valid at once ---------------------
+
+
+@pytest.mark.parametrize("split", ["ua", "ub"])
+def test_a_pair_in_both_split_files_is_an_error_naming_the_test_line(ml100k, split):
+    from pipeline.datasets import read_ml100k_split
+
+    base_line = (ml100k / f"{split}.base").read_text().split("\n")[11].split("\t")
+    test_line = (ml100k / f"{split}.test").read_text().split("\n")[6].split("\t")
+    # Line 7 of the test file now rates the pair of line 12 of the base file (another star, another time).
+    set_line(ml100k / f"{split}.test", 7, "\t".join(base_line[:2] + test_line[2:]))
+    user, movie = base_line[:2]
+    message = f"{split}.test line 7: userId {user}, movieId {movie} is also rated in {split}.base line 12"
+    with pytest.raises(DataError, match=re.escape(message)):
+        if split == "ua":
+            read_movielens("ml-100k", ml100k)  # the official split, as `etl --split official` reads it
+        else:
+            read_ml100k_split(ml100k, split)

@@ -185,3 +185,16 @@ def test_planted_parameters_rebuild_every_rating(synthetic_raw):
     stars = 1 + np.searchsorted(truth["thresholds"], truth["latent"], side="right")
     assert (stars == ratings["rating"].to_numpy()).all()
     np.testing.assert_allclose(read_oracle(synthetic_raw)["p_positive"], ndtr(score - truth["thresholds"][2]))
+
+
+@pytest.mark.parametrize("fmt", ["ml-1m", "ml-100k"])
+def test_the_generator_never_repeats_a_pair_nor_writes_a_negative_value(fmt, tmp_path):
+    from pipeline.datasets import read_ml100k_split
+
+    raw_dir = generate_synthetic(tmp_path / fmt, fmt=fmt, seed=3, **SMALL)
+    raw = read_movielens(fmt, raw_dir)  # the reader refuses negative ids and timestamps, counts repeats
+    assert raw.duplicates_dropped == 0 and raw.official_split_duplicates_dropped == 0
+    if fmt == "ml-100k":
+        for split in ("ub", "u1", "u2", "u3", "u4", "u5"):  # each split's files disjoint, none repeating
+            base, test = read_ml100k_split(raw_dir, split)
+            assert len(base) + len(test) == SMALL["n_ratings"]
