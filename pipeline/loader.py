@@ -13,10 +13,12 @@ the old ``keras.utils.Sequence`` and skips ``PyDataset.__init__``, so Keras 3's 
   several -> a dict keyed by name.
 
 Shuffling reshuffles partitions and rows every epoch from ``seed`` and the epoch number, so two runs
-with the same seed see the same batches. Epochs are counted by complete passes over the data, not by
-``on_epoch_end``: Keras asks for the next epoch's first batch from its prefetch thread while it may
-still be calling ``on_epoch_end`` for the last one, so counting calls would make the shuffle depend on
-thread timing.
+with the same seed see the same batches. Each pass reads the parquet partitions in a fresh order, and
+the rows of each chunk are shuffled before merlin cuts it into whole batches, so the rows left over for
+the next chunk (and the final partial batch) are a random draw too, not a chunk's last rows in file order.
+Epochs are counted by complete passes over the data, not by ``on_epoch_end``: Keras asks for the next
+epoch's first batch from its prefetch thread while it may still be calling ``on_epoch_end`` for the last
+one, so counting calls would make the shuffle depend on thread timing.
 """
 
 from __future__ import annotations
@@ -173,16 +175,25 @@ class Loader(keras.utils.PyDataset):
         # Partition order as a host array (merlin keeps a cupy one on GPU; it only slices and lists it).
         self._partitions = np.asarray(self._merlin.indices.tolist())
         self._rng = None  # this pass's generator, set by _restart
+        self._num_batches = len(self._merlin)  # sizing builds merlin's ChunkQueue and its partition iterator
+        # The ChunkQueue copied the partition order into its iterator just now and reads that copy on every
+        # pass: assigning merlin's `indices` later (as its own shuffle does) never reaches it. _restart
+        # hands each pass's order to the iterator itself.
+        self._queue = self._merlin._buff
+        if not isinstance(getattr(self._queue.itr, "indices", None), list):
+            raise RuntimeError(
+                "merlin.dataloader's ChunkQueue no longer reads a DataFrameIter with a list of partition indices; "
+                "pipeline.loader.Loader needs updating for this merlin-dataloader version"
+            )
         if shuffle:
-            make_tensors = self._merlin.make_tensors
+            split = self._queue.get_batch_div_chunk
 
-            def shuffled_tensors(frame, *args, **kwargs):
-                # Called from merlin's reader thread with each chunk (whole batches) and the final spill.
-                frame = frame.sample(frac=1.0, random_state=int(self._rng.integers(2**32)))
-                return make_tensors(frame.reset_index(drop=True), *args, **kwargs)
+            def shuffled_split(frame, batch_size):
+                # Called from merlin's reader thread with each chunk (the last chunk's leftover rows first),
+                # before it is cut into whole batches + leftover: shuffle first, so the leftover is random rows.
+                return split(frame.sample(frac=1.0, random_state=int(self._rng.integers(2**32))), batch_size)
 
-            self._merlin.make_tensors = shuffled_tensors
-        self._num_batches = len(self._merlin)
+            self._queue.get_batch_div_chunk = shuffled_split
         self._next_index = self._pulled = 0  # next batch index asked for / batches read in this pass
         self._head: list = []  # the first batches of this pass, kept for a replay
 
@@ -225,9 +236,12 @@ class Loader(keras.utils.PyDataset):
     def _restart(self) -> None:
         self._merlin.stop()  # joins the reader thread: nothing else uses self._rng now
         if self.shuffle:
+            # One generator per (seed, epoch): the partition order, then every chunk's shuffle in read order,
+            # so epoch k is the same whether the run started at epoch 0 or resumed at k (first_epoch).
             self._rng = np.random.default_rng([self.seed, self._epoch])
             order = self._rng.permutation(len(self._partitions))
             self._merlin.indices = self._partitions[order]
+            self._queue.itr.indices = self._merlin._indices_for_process()  # what the reader thread iterates
         self._merlin.__iter__()
         self._next_index = self._pulled = 0
         self._head = []

@@ -60,6 +60,64 @@ def test_reshuffles_every_epoch_and_the_seed_fixes_the_order(valid):
     assert epoch_rows(other_seed, "userId", "movieId") != first
 
 
+# Five parquet parts of uneven sizes; 5,503 rows is 21 batches of 256 and a final batch of 127.
+PART_ROWS = (1000, 1300, 900, 1100, 1203)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A dataset of several parquet parts: each row's number (0 .. 5,502, in file order) and its part."""
+    from merlin.io import Dataset
+
+    folder = tmp_path_factory.mktemp("parts")
+    start = 0
+    for part, rows in enumerate(PART_ROWS):
+        frame = pd.DataFrame({"row": np.arange(start, start + rows), "part": np.full(rows, part)})
+        frame.to_parquet(folder / f"part_{part}.parquet", index=False)
+        start += rows
+    return Dataset(str(folder), engine="parquet")
+
+
+def epoch_batches(loader) -> list[list[int]]:
+    """The row numbers of every batch of one pass, in the order the loader produced them."""
+    return [loader[index]["row"].numpy()[:, 0].tolist() for index in range(len(loader))]
+
+
+def part_order(batches) -> list[int]:
+    """The order the pass read the parts in: each part's first appearance in the batch stream."""
+    part_of = np.repeat(np.arange(len(PART_ROWS)), PART_ROWS)
+    return list(dict.fromkeys(int(part_of[row]) for batch in batches for row in batch))
+
+
+def test_every_epoch_reads_the_parts_in_a_new_order_and_ends_on_other_rows(parts):
+    from pipeline.loader import Loader
+
+    n_rows = sum(PART_ROWS)
+    assert parts.npartitions == len(PART_ROWS) and n_rows % 256 == 127
+    loader = Loader(parts, 256, shuffle=True, seed=0, targets=[])
+    epochs = [epoch_batches(loader) for _ in range(3)]
+    for batches in epochs:
+        assert [len(batch) for batch in batches] == [256] * 21 + [127]
+        assert sorted(row for batch in batches for row in batch) == list(range(n_rows))  # each row once
+    orders = [part_order(batches) for batches in epochs]
+    assert len({tuple(order) for order in orders}) == 3, orders  # a new part order every epoch
+    assert len({frozenset(batches[-1]) for batches in epochs}) == 3  # and other rows in the last batch
+
+    # Deterministic: the same seed gives the same batches, and a run resumed at epoch 2 gets epoch 2's.
+    assert epoch_batches(Loader(parts, 256, shuffle=True, seed=0, targets=[])) == epochs[0]
+    resumed = Loader(parts, 256, shuffle=True, seed=0, targets=[], first_epoch=2)
+    assert epoch_batches(resumed) == epochs[2]
+    assert epoch_batches(Loader(parts, 256, shuffle=True, seed=1, targets=[])) != epochs[0]
+
+
+def test_unshuffled_parts_are_read_in_file_order(parts):
+    from pipeline.loader import Loader
+
+    loader = Loader(parts, 256, shuffle=False, targets=[])
+    for _ in range(2):
+        assert [row for batch in epoch_batches(loader) for row in batch] == list(range(sum(PART_ROWS)))
+
+
 def test_unshuffled_order_is_the_file_order(valid, valid_frame):
     from pipeline.loader import Loader
 
