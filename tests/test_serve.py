@@ -1,4 +1,8 @@
-"""The HTTP service, tested through a real uvicorn server on 127.0.0.1 with a real HTTP client."""
+"""The HTTP service, tested through a real uvicorn server on 127.0.0.1 with a real HTTP client.
+
+Faults, timeouts and connections: test_serve_faults.py; the mixed load: test_serve_load.py;
+the `serve` command in its own process (SIGTERM, memory, port checks): test_serve_process.py.
+"""
 
 from __future__ import annotations
 
@@ -168,32 +172,100 @@ def test_the_micro_batcher_merges_requests_and_isolates_a_bad_one(predictor, pai
     assert batcher.requests == 3 and batcher.batches == 1  # one merged batch, then the fallback
 
 
-def test_the_serve_command_answers_on_its_port(etl_dir, model_dir, predictor):
-    """``python -m pipeline serve`` as a user runs it: a separate process, queried over HTTP."""
-    import subprocess
-    import sys
+def test_every_error_has_the_same_body_shape(client):
+    """404, 405, 422: always ``{"error": ...}``; a 405 still names the allowed method."""
+    missing = client.get("/no-such-route")
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    wrong_method = client.get("/predict")
+    assert wrong_method.status_code == 405 and wrong_method.json() == {"error": "Method Not Allowed"}
+    assert wrong_method.headers["allow"] == "POST"
+    bad = client.post("/predict", json={"pairs": [{"userId": -1, "movieId": 2}]})
+    assert bad.status_code == 422 and "pairs[0].userId" in bad.json()["error"]
+
+
+def test_liveness_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_parsed(predictor):
+    """Content-Length over the limit: 413 without reading the body; a chunked body: 413 once the
+    streamed bytes pass the limit. The connection is closed (the client may still be sending)."""
+    from pipeline.serve import serve_in_background
+
+    limit = 4096
+    with serve_in_background(predictor, max_body_bytes=limit) as running, \
+            httpx.Client(base_url=running.url, timeout=30) as http:
+        small = {"pairs": [{"userId": 1, "movieId": 1}]}
+        assert http.post("/predict", json=small).status_code == 200
+
+        big = {"pairs": [{"userId": 1, "movieId": 1}] * 400}  # ~12 kB
+        response = http.post("/predict", json=big)
+        assert response.status_code == 413
+        assert response.json() == {"error": f"request body larger than {limit} bytes"}
+        assert response.headers["connection"] == "close"
+
+        def chunks():  # no Content-Length: the server has to count
+            for _ in range(100):
+                yield b" " * 1000
+
+        response = http.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+        assert response.status_code == 413 and "error" in response.json()
+
+        assert http.post("/predict", json=small).status_code == 200  # and it goes on serving
+        counts = _metric_samples(http.get("/metrics").text, "movielens_http_requests_total")
+        assert counts[("/predict", "POST", "413")] == 2
+
+
+def _samples(text: str, name: str) -> list:
+    """The samples of one metric in Prometheus text format (parsed by prometheus-client's own parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
+
+
+def _metric_samples(text: str, name: str) -> dict[tuple, float]:
+    """``{label values: value}`` of one metric in Prometheus text format."""
+    return {tuple(s.labels.values()): s.value for s in _samples(text, name)}
+
+
+def test_metrics_in_prometheus_format(client, predictor):
+    from pipeline.serve import manifest_fingerprint
+
+    client.post("/predict", json={"pairs": [{"userId": 1, "movieId": 1}]})
+    client.get("/nope")
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+
+    requests = _metric_samples(text, "movielens_http_requests_total")
+    assert requests[("/predict", "POST", "200")] >= 1
+    assert requests[("other", "GET", "404")] >= 1  # unknown paths share one label value
+    assert _metric_samples(text, "movielens_http_request_duration_seconds_count")[("/predict",)] >= 1
+    assert _metric_samples(text, "movielens_batch_rows_count")[()] >= 1
+    assert _metric_samples(text, "movielens_queue_depth")[()] == 0
+    assert _metric_samples(text, "movielens_batcher_alive")[()] == 1
+    (info,) = _samples(text, "movielens_model_info")
+    assert info.labels["model_manifest_sha256"] == manifest_fingerprint(predictor.model_dir)
+    assert info.labels["workflow_manifest_sha256"] == manifest_fingerprint(predictor.etl_dir / "workflow")
+    assert len(info.labels["model_manifest_sha256"]) == 64
+
+
+def test_every_request_is_one_json_access_log_line(client, caplog):
+    import json
+    import logging
     import time
 
-    from pipeline.serve import free_port
+    def lines():
+        return [json.loads(r.getMessage()) for r in caplog.records if r.name == "pipeline.serve.access"]
 
-    port = free_port()
-    command = [sys.executable, "-m", "pipeline", "serve", "--data", str(etl_dir), "--model", str(model_dir),
-               "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.5)
-        response = httpx.post(f"http://127.0.0.1:{port}/predict", json={"pairs": [{"userId": 1, "movieId": 1}]})
-        expected = predictor.predict(pd.DataFrame({"userId": [1], "movieId": [1]}))[0]
-        assert response.json()["scores"] == [pytest.approx(expected, abs=1e-6)]
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with caplog.at_level(logging.INFO, logger="pipeline.serve.access"):
+        client.post("/predict", json={"pairs": [{"userId": 1, "movieId": 1}]})
+        client.get("/recommend", params={"userId": "x"})
+        deadline = time.monotonic() + 5  # a line is written just after its response is sent
+        while len(lines()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    lines = lines()
+    assert [(line["method"], line["path"], line["status"]) for line in lines] == [
+        ("POST", "/predict", 200), ("GET", "/recommend", 422)]
+    assert lines[0]["bytes_in"] > 0 and lines[0]["ms"] > 0 and lines[1]["query"] == "userId=x"
