@@ -2,8 +2,10 @@
 
 Each stage module owns its arguments (``add_arguments(parser)``) and its entry point
 (``main(args) -> int``); this module only dispatches, importing only the chosen stage so that
-``etl`` does not pay for importing TensorFlow. A ``PipelineError`` becomes a one-line message
-on stderr and exit status 2 (the CLI entry point is the one place that prints).
+``etl`` does not pay for importing TensorFlow. A ``PipelineError`` or an ``OSError`` (a full or
+read-only disk, a missing directory) becomes a one-line message on stderr and exit status 2 (the CLI
+entry point is the one place that prints). SIGTERM unwinds like Ctrl-C, so a stage's temporary
+output is removed and the previous output stays in place.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from pipeline.errors import PipelineError
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    signal.signal(signal.SIGTERM, _terminate)
     module = importlib.import_module(args._module)
     try:
         return int(module.main(args) or 0)
@@ -53,3 +57,31 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("pipeline").debug("stage failed", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        logging.getLogger("pipeline").debug("stage failed", exc_info=True)
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        _collect_quietly()
+        return 2
+
+
+def _collect_quietly() -> None:
+    """Finalize what the failed stage left (e.g. pyarrow writers whose ``__del__`` fails again on the full
+    disk) with their "Exception ignored" tracebacks sent to the debug log, not the user's terminal. The
+    hook stays for the rest of the process: some of those objects are only finalized at exit."""
+    import gc
+
+    sys.unraisablehook = lambda unraisable: logging.getLogger("pipeline").debug(
+        "ignored during cleanup: %r", unraisable.exc_value)
+    gc.collect()
+
+
+def describe_os_error(err: OSError) -> str:
+    """``'cannot write /out/x: No space left on device'``-style text for an operating-system error."""
+    files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    reason = err.strerror or str(err)
+    return f"{files}: {reason}" if files else reason
+
+
+def _terminate(signum, frame):
+    # Unwind as an exception so `finally` / atomic outputs clean up; 128 + SIGTERM is the shell's status.
+    raise SystemExit(128 + signum)

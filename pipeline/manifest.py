@@ -32,18 +32,42 @@ def _manifest_files(directory: Path) -> list[Path]:
     )
 
 
-def write_manifest(directory: str | Path) -> Path:
+def write_manifest(directory: str | Path, **fields) -> Path:
     """Record the sha256 of every file under ``directory`` in ``directory/manifest.json``.
 
     Called by the ETL stage on its ``workflow/`` folder and by the train stage on the model folder,
-    as the last step before the output is renamed into place. Returns the manifest's path.
+    as the last step before the output is renamed into place. ``fields`` (JSON values, e.g. the
+    stage that wrote it and the ETL run's identity) are recorded beside the checksums. Returns the
+    manifest's path.
     """
     directory = Path(directory)
     files = {p.relative_to(directory).as_posix(): _sha256(p) for p in _manifest_files(directory)}
-    manifest = {"algorithm": "sha256", "files": files}
+    manifest = {**fields, "algorithm": "sha256", "files": files}
     path = directory / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    """``directory/manifest.json`` as a dict (not verified), or None when there is none or it is unreadable."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def content_id(directory: str | Path, patterns: tuple[str, ...]) -> str:
+    """A sha256 over the contents of the files under ``directory`` that match ``patterns`` (glob, relative).
+
+    Names and bytes only, no paths or times: two runs that wrote the same data get the same id.
+    """
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    names = sorted({p for pattern in patterns for p in directory.glob(pattern) if p.is_file()})
+    for p in names:
+        digest.update(p.relative_to(directory).as_posix().encode() + b"\0" + _sha256(p).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def verify_manifest(directory: str | Path, required: tuple[str, ...] = ()) -> dict[str, str]:
