@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,29 @@ PHASES = ("read", "split", "fit", "transform_train", "transform_valid", "save")
 # sample output dtypes, so smaller partitions waste less; too small ones add per-partition overhead.
 # CPU seconds for 1M ratings: 1 partition 17.1, 400k rows 14.8, 200k rows 11.1, 100k rows 13.2.
 ROWS_PER_PARTITION = 200_000
+# Tiny partitions make a run whose per-partition overhead never ends (--part-size 1B was still fitting
+# 1M ratings after 300 s): --part-size has a floor, and a run at most MAX_PARTITIONS partitions.
+MIN_PART_SIZE = 64 << 10
+MAX_PARTITIONS = 10_000
+# The files whose bytes identify an ETL run: same data and encodings, same id (paths and times excluded).
+RUN_FILES = ("train/*.parquet", "valid/*.parquet", "workflow/categories/**/*")
+
+
+def is_etl_output(path: Path) -> bool:
+    """Whether ``path`` holds a previous output of this stage (which a new run may replace)."""
+    path = Path(path)
+    return path.is_dir() and (path / "etl.json").is_file() and (path / "workflow" / "manifest.json").is_file()
+
+
+def etl_run_id(etl_dir: Path) -> str:
+    """The identity of the ETL run in ``etl_dir``: a hash of its parquet splits and category tables.
+
+    Recorded in ``workflow/manifest.json`` (``run_id``) by the ETL, by the train stage in the model's
+    config.json, and compared by the predictor, so a model is only served with the data it was trained on.
+    """
+    from pipeline.manifest import content_id
+
+    return content_id(etl_dir, RUN_FILES)
 
 
 def split_ratings(
@@ -125,6 +148,7 @@ def run_etl(
     workers: int | None = None,
     dask_scheduler: str | None = None,
     part_size: str | None = None,
+    overwrite: bool = False,
     **synthetic_size,
 ) -> dict:
     """Run the whole ETL for ``dataset`` into ``out`` and return the summary also written to ``out/etl.json``.
@@ -134,14 +158,22 @@ def run_etl(
     n_ratings, data_seed). ``split``: random | temporal | official (ml-100k only). ``device``: auto | cpu |
     gpu. ``workers`` / ``dask_scheduler``: run on a local / existing Dask cluster. ``part_size``: target
     in-memory size of a partition (e.g. "64MB"); each partition becomes one parquet file.
+    ``out`` may hold a previous ETL output (it is replaced); any other existing path is refused unless
+    ``overwrite``, and ``out`` may never be, contain or sit inside the raw data.
     """
+    from pipeline.atomic import check_output
     from pipeline.device import dask_cluster, resolve_device
 
     if dataset not in DATASETS:
-        raise DataError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+        raise UsageError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise UsageError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     out = Path(out)
+    raw_candidates = [("--raw", raw)] if raw is not None else [
+        ("the raw data", DATA_DIR / "raw" / dataset), ("the raw data", DATA_DIR / "raw" / f"{dataset}.zip")]
+    check_output(out, stage="etl", flag="--out", is_previous_output=is_etl_output, inputs=raw_candidates,
+                 overwrite=overwrite)
+    n_part_bytes = _part_bytes(part_size)
     device = resolve_device(device)
     variant = "ml-1m" if dataset == "synthetic" else dataset
     seconds: dict[str, float] = {}
@@ -150,6 +182,8 @@ def run_etl(
             if "data_seed" in synthetic_size:
                 synthetic_size["seed"] = synthetic_size.pop("data_seed")
             raw_path = locate_raw(dataset, Path(raw) if raw is not None else None, **synthetic_size)
+            check_output(out, stage="etl", flag="--out", is_previous_output=is_etl_output,
+                         inputs=[("the raw data", raw_path)], overwrite=overwrite)
             from pipeline.datasets import read_movielens
 
             movielens = read_movielens(variant, raw_path)
@@ -173,13 +207,13 @@ def run_etl(
         from pipeline.ops import out_of_fold
         from workflows.movielens import movielens_workflow
 
-        n_parts = _partitions(train, part_size)
+        n_parts = _partitions(train, n_part_bytes)
         cpu = device == "cpu"
         with atomic_dir(out) as tmp, dask_cluster(device, workers=workers, scheduler=dask_scheduler):
             fit_dir = tmp / ".fit"
             workflow = movielens_workflow(variant, movielens.movies, movielens.users, out_path=fit_dir, seed=seed)
             train_set = merlin.io.Dataset(train, npartitions=n_parts, cpu=cpu)
-            valid_set = merlin.io.Dataset(valid, npartitions=_partitions(valid, part_size), cpu=cpu)
+            valid_set = merlin.io.Dataset(valid, npartitions=_partitions(valid, n_part_bytes), cpu=cpu)
 
             with _phase("fit", seconds, progress), out_of_fold(workflow):
                 workflow.fit(train_set)
@@ -191,7 +225,11 @@ def run_etl(
             with _phase("save", seconds, progress):
                 workflow.save(str(tmp / "workflow"))
                 shutil.rmtree(fit_dir, ignore_errors=True)
-                write_manifest(tmp / "workflow")  # inference refuses to unpickle an unverified workflow
+                for split_name in ("train", "valid"):
+                    _relocate_file_list(tmp / split_name, tmp, out.resolve())
+                run_id = etl_run_id(tmp)
+                # inference refuses to unpickle an unverified workflow, and a model of another run
+                write_manifest(tmp / "workflow", stage="etl", run_id=run_id)
 
             summary = {
                 "dataset": dataset,
@@ -205,7 +243,11 @@ def run_etl(
                 "workers": workers,
                 "dask_scheduler": dask_scheduler,
                 "partitions": n_parts,
+                "run_id": run_id,
                 "rows": {"train": len(train), "valid": len(valid)},
+                # repeated (userId, movieId) ratings the reader dropped (the latest one is kept)
+                "duplicates_dropped": int(movielens.official_split_duplicates_dropped if split == "official"
+                                          else movielens.duplicates_dropped),
                 "columns": {
                     col.name: {"dtype": str(col.dtype.to_numpy), "is_list": bool(col.is_list),
                                "tags": sorted(str(t.value) for t in col.tags)}
@@ -251,19 +293,39 @@ def _check_split(train: pd.DataFrame, valid: pd.DataFrame) -> None:
         raise DataError("training ratings contain missing values")
 
 
-def _partitions(frame: pd.DataFrame, part_size: str | None) -> int:
-    """Partitions for an in-memory frame: ``part_size`` bytes each, by default ``ROWS_PER_PARTITION`` rows."""
+def _part_bytes(part_size: str | None) -> int | None:
+    """``--part-size`` in bytes (None: the default rows per partition); ``UsageError`` below ``MIN_PART_SIZE``."""
     if part_size is None:
-        return max(1, math.ceil(len(frame) / ROWS_PER_PARTITION))
-    from dask.utils import parse_bytes
+        return None
+    from dask.utils import format_bytes, parse_bytes
 
     try:
         size = parse_bytes(part_size)
-    except ValueError as err:
-        raise DataError(f"--part-size {part_size!r} is not a size such as 64MB ({err})") from None
-    if size <= 0:
-        raise DataError(f"--part-size must be positive, got {part_size!r}")
-    return max(1, math.ceil(frame.memory_usage(deep=True).sum() / size))
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--part-size {part_size!r} is not a size such as 64MB ({err})") from None
+    if size < MIN_PART_SIZE:
+        raise UsageError(f"--part-size {part_size!r} is below the minimum of {format_bytes(MIN_PART_SIZE)}")
+    return int(size)
+
+
+def _partitions(frame: pd.DataFrame, part_bytes: int | None) -> int:
+    """Partitions for an in-memory frame: ``part_bytes`` each, by default ``ROWS_PER_PARTITION`` rows."""
+    if part_bytes is None:
+        return max(1, math.ceil(len(frame) / ROWS_PER_PARTITION))
+    n = max(1, math.ceil(frame.memory_usage(deep=True).sum() / part_bytes))
+    if n > MAX_PARTITIONS:
+        from dask.utils import format_bytes
+
+        raise UsageError(f"--part-size {format_bytes(part_bytes)} makes {n:,} partitions of {len(frame):,} ratings "
+                         f"(at most {MAX_PARTITIONS:,}): choose a larger size")
+    return n
+
+
+def _relocate_file_list(split_dir: Path, tmp: Path, final: Path) -> None:
+    """merlin's ``_file_list.txt`` names the files under the temporary build dir: point it at the final one."""
+    path = split_dir / "_file_list.txt"
+    if path.is_file():
+        path.write_text(path.read_text().replace(str(tmp.resolve()), str(final)).replace(str(tmp), str(final)))
 
 
 def _relocate_paths(schema, old: Path, new: Path):
@@ -301,7 +363,10 @@ def _skip_tensorflow_import() -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="which MovieLens (or the synthetic set)")
-    parser.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output directory; a previous ETL output there is replaced atomically")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it is not a previous ETL output (never the raw data)")
     parser.add_argument("--raw", type=Path, help="raw folder or original zip (default: data/raw/<dataset>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the target-encoding folds")
     parser.add_argument("--valid-fraction", type=float, default=0.2, help="share of ratings in valid (default 0.2)")
@@ -338,6 +403,7 @@ def main(args: argparse.Namespace) -> int:
         workers=args.workers,
         dask_scheduler=args.dask_scheduler,
         part_size=args.part_size,
+        overwrite=args.overwrite,
         **sizes,
     )
     rows = summary["rows"]

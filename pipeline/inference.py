@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import ArtifactError, DataError
+from pipeline.errors import ArtifactError, DataError, UsageError
 from pipeline.manifest import MANIFEST_NAME, verify_manifest, write_manifest  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -249,13 +249,15 @@ class Predictor:
                 raise ArtifactError(f"{path} is missing")
         verify_manifest(workflow_dir, required=("workflow.pkl",))
         verify_manifest(model_dir, required=("model.keras", "config.json"))
+        config = _read_json(model_dir / "config.json")
+        _check_run(etl_dir, model_dir, config)
+        _check_metrics(model_dir)
 
         workflow = nvt.Workflow.load(str(workflow_dir))
         targets = workflow.output_schema.select_by_tag(Tags.TARGET).column_names
         serving = serving_workflow(workflow, targets)
 
         trained_schema = _read_schema(model_dir / "schema.pbtxt")
-        config = _read_json(model_dir / "config.json")
         _check_schema(serving.output_schema, trained_schema, config, model_dir)
 
         from pipeline.models import load_model  # registers our layers with Keras
@@ -305,17 +307,7 @@ class Predictor:
             raise DataError(f"unexpected field(s) {extra}: a request has exactly {self.request_columns}")
         out = {}
         for name in self.request_columns:
-            col = df[name]
-            integer = pd.api.types.is_integer_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype)
-            if not integer:
-                # object columns of python ints (e.g. from JSON) are fine; anything else names its row
-                bad = _first_non_integer(col)
-                if bad is not None or col.dtype != object:
-                    where = f" (row {bad[0]}: {bad[1]!r})" if bad else ""
-                    raise DataError(f"field {name!r} must hold integer ids, got dtype {col.dtype}{where}")
-            if integer and col.hasnans:
-                raise DataError(f"field {name!r} has a missing value at row {int(np.flatnonzero(col.isna())[0])}")
-            out[name] = col.to_numpy(dtype=REQUEST_DTYPE)
+            out[name] = request_ids(df[name], name)
         return pd.DataFrame(out)
 
     # ---- scoring --------------------------------------------------------------------------
@@ -415,8 +407,15 @@ class Predictor:
             if len(rated):
                 scores = np.where(np.isin(np.ravel(arrays["movieId"]), rated), -np.inf, scores)
         k = max(0, min(int(k), int(np.isfinite(scores).sum())))
-        top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
-        top = top[np.lexsort((items[top], -scores[top]))]
+        if not k:
+            return []
+        # Ties broken by movieId over the whole catalog (movies without ratings share the OOV rows, so
+        # equal scores are common): every movie scoring at least the k-th best score, in movieId order
+        # (``items`` is sorted), stably sorted by score. argpartition alone picks arbitrary members of
+        # a tie at the k boundary.
+        kth = np.partition(-scores, k - 1)[k - 1]
+        candidates = np.flatnonzero(-scores <= kth)
+        top = candidates[np.argsort(-scores[candidates], kind="stable")[:k]]
         return [(int(items[i]), float(scores[i])) for i in top]
 
     def rated_codes(self, encoded_user: int) -> np.ndarray:
@@ -461,6 +460,35 @@ def _schema_summary(schema) -> dict[str, tuple]:
         sizes = col.properties.get("embedding_sizes") or {}
         out[col.name] = (str(col.dtype.to_numpy), col.is_list, sizes.get("cardinality"))
     return out
+
+
+def _check_run(etl_dir: Path, model_dir: Path, config: dict) -> None:
+    """``ArtifactError`` unless the model was trained on this very ETL run (``pipeline.etl.etl_run_id``).
+
+    Two ETL runs of the same raw data with other seeds have the same schema but other splits and
+    encodings; a model scores wrongly with the other's workflow. Models of earlier releases record
+    no run and are checked by schema only.
+    """
+    trained_on = config.get("etl_run_id")
+    if trained_on is None:
+        logger.warning("%s records no ETL run: cannot check it belongs with %s", model_dir, etl_dir)
+        return
+    run = (_read_json(etl_dir / "workflow" / MANIFEST_NAME)).get("run_id")
+    if run != trained_on:
+        raise ArtifactError(
+            f"the model in {model_dir} was trained on ETL run {trained_on[:12]} ({config.get('data_dir')}), "
+            f"but {etl_dir} is ETL run {str(run)[:12] if run else '(unrecorded)'}: serve a model with the ETL "
+            "output it was trained on, or retrain it on this one"
+        )
+
+
+def _check_metrics(model_dir: Path) -> None:
+    """``ArtifactError`` if the model's recorded valid metrics are not finite (a diverged run)."""
+    valid = _read_json(model_dir / "metrics.json").get("valid", {})
+    bad = sorted(k for k, v in valid.items() if isinstance(v, (int, float)) and not np.isfinite(v))
+    if bad:
+        raise ArtifactError(f"the model in {model_dir} has non-finite valid metrics ({', '.join(bad)}): "
+                            "it diverged in training; refusing to score with it")
 
 
 def _check_schema(serving_schema, trained_schema, config: dict, model_dir: Path) -> None:
@@ -536,12 +564,44 @@ def _list_widths(etl_dir: Path, names: list[str]) -> dict[str, int]:
     return list_max_lengths(Dataset(str(train), engine="parquet"), names)
 
 
-def _first_non_integer(col: pd.Series):
-    """``(row, value)`` of the first value that is not an integer, or None."""
-    for i, value in enumerate(col):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            return i, value
-    return None
+def request_ids(col: pd.Series, name: str) -> np.ndarray:
+    """One request column as int64 ids; ``DataError`` naming the first missing, non-integer or negative row.
+
+    The id rule of every stage (the ETL's readers, ``predict``, ``serve``): ids are integers in
+    ``[0, 2**63)``. Integer-valued floats (a csv column with a missing value is read as floats) pass.
+    """
+    if pd.api.types.is_bool_dtype(col.dtype):
+        raise DataError(f"field {name!r} must hold integer ids, got dtype {col.dtype}")
+    if pd.api.types.is_integer_dtype(col.dtype):
+        if col.hasnans:  # nullable integer dtypes
+            raise DataError(f"field {name!r} has a missing value at row {int(np.flatnonzero(col.isna())[0])}")
+        values = col.to_numpy(dtype=REQUEST_DTYPE)
+    elif pd.api.types.is_float_dtype(col.dtype):
+        raw = col.to_numpy(dtype=np.float64)
+        missing = np.flatnonzero(np.isnan(raw))
+        if len(missing):
+            raise DataError(f"field {name!r} has a missing value at row {int(missing[0])}")
+        fractional = np.flatnonzero((raw != np.round(raw)) | (np.abs(raw) >= 2.0**63))
+        if len(fractional):
+            row = int(fractional[0])
+            raise DataError(f"field {name!r} must hold integer ids (row {row}: {float(raw[row])!r})")
+        values = raw.astype(REQUEST_DTYPE)
+    elif col.dtype == object:  # python ints (e.g. from JSON)
+        for i, value in enumerate(col):
+            if value is None or (isinstance(value, float) and np.isnan(value)):
+                raise DataError(f"field {name!r} has a missing value at row {i}")
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise DataError(f"field {name!r} must hold integer ids, got dtype object (row {i}: {value!r})")
+            if not -(2**63) <= value < 2**63:
+                raise DataError(f"field {name!r}: id {value} at row {i} does not fit in int64")
+        values = col.to_numpy(dtype=REQUEST_DTYPE)
+    else:
+        raise DataError(f"field {name!r} must hold integer ids, got dtype {col.dtype}")
+    negative = np.flatnonzero(values < 0)
+    if len(negative):
+        row = int(negative[0])
+        raise DataError(f"field {name!r}: id {int(values[row])} at row {row} is negative (ids are >= 0)")
+    return values
 
 
 def _known_ids(workflow, key: str) -> np.ndarray:
@@ -644,12 +704,40 @@ def _check_input_columns(path: Path, names: list[str], columns: list[str]) -> No
         raise DataError(f"{path} has no column(s) {missing} (it has {names}); predict needs {columns}")
 
 
+PREDICTIONS_KEY = b"pipeline.stage"  # parquet metadata that marks a file as a predict output
+
+
+def is_predictions_file(path: Path) -> bool:
+    """Whether ``path`` is a parquet file written by ``predict_file`` (which a new run may replace)."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except Exception:  # not parquet at all
+        return False
+    return metadata.get(PREDICTIONS_KEY) == b"predict"
+
+
+def check_predict_paths(input_path: Path, output_path: Path, etl_dir: Path | None = None,
+                        model_dir: Path | None = None, overwrite: bool = False) -> None:
+    """``UsageError`` unless ``output_path`` can be written without destroying anything (see
+    ``pipeline.atomic.check_output``): not the input, not inside the ETL or model dir, not a directory, and
+    an existing file only if it is a previous predict output (or ``overwrite``)."""
+    from pipeline.atomic import check_output
+
+    check_output(output_path, stage="predict", flag="--output", is_previous_output=is_predictions_file,
+                 inputs=[("--input", input_path), ("--data", etl_dir), ("--model", model_dir)],
+                 overwrite=overwrite, kind="file")
+
+
 def predict_file(predictor: Predictor, input_path: str | Path, output_path: str | Path, *,
-                 batch_size: int = 65_536, progress: bool = True) -> dict[str, Any]:
+                 batch_size: int = 65_536, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Score every row of ``input_path`` (csv / parquet with the request columns) into ``output_path``.
 
     The output parquet holds the input columns plus ``score``, in input order. It is written to a
-    temporary sibling and renamed into place only when complete. Returns a summary dict.
+    temporary sibling and renamed into place only when complete; an existing ``output_path`` is replaced
+    only if it is a previous predict output (or with ``overwrite``). Non-finite scores stop the run with
+    ``ArtifactError`` naming the rows. Returns a summary dict.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -658,6 +746,7 @@ def predict_file(predictor: Predictor, input_path: str | Path, output_path: str 
     from pipeline.atomic import atomic_file
 
     input_path, output_path = Path(input_path), Path(output_path)
+    check_predict_paths(input_path, output_path, predictor.etl_dir, predictor.model_dir, overwrite)
     total = _count_rows(input_path)
     start = time.perf_counter()
     rows = 0
@@ -670,8 +759,13 @@ def predict_file(predictor: Predictor, input_path: str | Path, output_path: str 
                     scores = predictor.predict(frame[predictor.request_columns])
                 except DataError as err:
                     raise DataError(f"{input_path}, rows {rows}-{rows + len(frame) - 1}: {err}") from err
+                bad = np.flatnonzero(~np.isfinite(scores))
+                if len(bad):
+                    raise ArtifactError(f"the model in {predictor.model_dir} gave non-finite scores ({scores[bad[0]]}) "
+                                        f"to {len(bad)} rows of {input_path}, first row {rows + int(bad[0])}; "
+                                        "nothing was written")
                 frame = frame.assign(score=scores)
-                table = pa.Table.from_pandas(frame, preserve_index=False)
+                table = _mark(pa.Table.from_pandas(frame, preserve_index=False))
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
@@ -679,13 +773,19 @@ def predict_file(predictor: Predictor, input_path: str | Path, output_path: str 
                 bar.update(len(frame))
             if writer is None:  # empty input: still an (empty) output with the right columns
                 empty = pd.DataFrame({c: pd.Series([], dtype=REQUEST_DTYPE) for c in predictor.request_columns})
-                pq.write_table(pa.Table.from_pandas(empty.assign(score=np.zeros(0, np.float32)), preserve_index=False), tmp)
+                pq.write_table(_mark(pa.Table.from_pandas(empty.assign(score=np.zeros(0, np.float32)),
+                                                          preserve_index=False)), tmp)
         finally:
             if writer is not None:
                 writer.close()
     seconds = time.perf_counter() - start
     return {"input": str(input_path), "output": str(output_path), "rows": rows, "seconds": round(seconds, 3),
             "rows_per_second": round(rows / seconds, 1) if seconds > 0 else None}
+
+
+def _mark(table):
+    """``table`` with the metadata that tells a later run this file is a predict output."""
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), PREDICTIONS_KEY: b"predict"})
 
 
 def _count_rows(path: Path) -> int | None:
@@ -708,7 +808,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="ETL output dir (holds workflow/ and train/)")
     parser.add_argument("--model", required=True, type=Path, help="model dir written by `train`")
     parser.add_argument("--input", required=True, type=Path, help="csv or parquet with raw userId, movieId")
-    parser.add_argument("--output", required=True, type=Path, help="parquet: input columns + score")
+    parser.add_argument("--output", required=True, type=Path,
+                        help="parquet: input columns + score; a previous predict output there is replaced")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output even if it is not a previous predict output (never --input)")
     parser.add_argument("--batch-size", type=int, default=65_536, help="rows scored per batch (default 65536)")
     parser.add_argument("--no-feature-cache", action="store_true",
                         help="run every row through the serving graph instead of the per-user/movie feature cache")
@@ -716,9 +819,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
-        raise DataError(f"--batch-size must be positive, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    # before the slow load: a bad --output is known at once
+    check_predict_paths(args.input, args.output, args.data, args.model, args.overwrite)
     predictor = Predictor.load(args.data, args.model, feature_cache=not args.no_feature_cache)
-    summary = predict_file(predictor, args.input, args.output, batch_size=args.batch_size)
+    summary = predict_file(predictor, args.input, args.output, batch_size=args.batch_size, overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
     if summary["rows"] <= 20:  # a handful of example requests: show their scores
         print(pd.read_parquet(args.output).to_string(index=False))

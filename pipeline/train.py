@@ -10,24 +10,28 @@
     MODEL_DIR/schema.pbtxt         the schema the model was trained on
     MODEL_DIR/config.json          the full training config + the input schema's fingerprint
     MODEL_DIR/checkpoints/         the last epoch's checkpoint (``--resume`` continues from it)
+    MODEL_DIR/manifest.json        sha256 of every file, the stage and the ETL run the model was trained on
 
 Everything is built in ``MODEL_DIR.partial`` (checkpoints land there after every epoch, so an
-interrupted run can ``--resume``) and renamed into place only when complete.
+interrupted run can ``--resume``) and renamed into place only when complete. A run whose loss or
+valid metrics are not finite stops with ``TrainingDiverged`` and publishes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
 
-from pipeline.atomic import replace_dir
-from pipeline.errors import ArtifactError, DataError
-from pipeline.manifest import write_manifest
+from pipeline.atomic import check_output, replace_dir
+from pipeline.errors import ArtifactError, DataError, TrainingDiverged, UsageError
+from pipeline.manifest import read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,44 @@ DEFAULTS = dict(model="dlrm", epochs=3, batch_size=1024, learning_rate=2e-3, emb
                 weight_decay=1.0, lr_schedule="cosine", seed=0)
 LR_SCHEDULES = ("cosine", "constant")
 CHECKPOINTS = "checkpoints"
+# errno values that mean "the disk is full" (ENOSPC), "over quota", or a file-size limit (EFBIG).
+OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def is_model_dir(path: Path) -> bool:
+    """Whether ``path`` holds a previous output of this stage (which a new run may replace)."""
+    path = Path(path)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return False
+    manifest = read_manifest(path)
+    if manifest is None:
+        return False
+    if manifest.get("stage") == "train":
+        return True
+    try:  # written before manifests named their stage
+        return "schema_fingerprint" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def check_settings(*, epochs: int, batch_size: int, learning_rate: float, embedding_dim: int,
+                   embeddings_l2: float, weight_decay: float, lr_schedule: str, model: str) -> None:
+    """``UsageError`` naming the flag of the first setting that cannot train a model."""
+    if model not in MODELS:
+        raise UsageError(f"--model {model!r} is not one of {', '.join(MODELS)}")
+    if epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {epochs}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {batch_size}")
+    if embedding_dim < 1:
+        raise UsageError(f"--embedding-dim must be at least 1, got {embedding_dim}")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise UsageError(f"--learning-rate must be a positive finite number, got {learning_rate}")
+    for flag, value in (("--weight-decay", weight_decay), ("--embeddings-l2", embeddings_l2)):
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise UsageError(f"--lr-schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
 
 
 # --------------------------------------------------------------------------- schema fingerprint
@@ -141,16 +183,57 @@ def _open_split(data_dir: Path, split: str):
     if rows == 0:
         raise DataError(f"{path}: the {split} set is empty (0 rows)")
     try:
-        return Dataset(str(path), engine="parquet")
+        dataset = Dataset(str(path), engine="parquet")
     except Exception as err:  # pyarrow / merlin raise many types for corrupt files
         raise DataError(f"{path}: cannot read the parquet dataset: {err}") from err
+    _check_schema_files(path, dataset.schema)
+    return dataset
+
+
+def _schema_rows(schema) -> dict[str, tuple]:
+    """What a model is built from, per column: kind, list-ness, tags, cardinality."""
+    rows = {}
+    for col in schema:
+        sizes = col.properties.get("embedding_sizes") or {}
+        rows[col.name] = (
+            col.dtype.element_type.value if col.dtype is not None else None,
+            bool(col.is_list),
+            tuple(sorted(str(getattr(t, "value", t)) for t in col.tags)),
+            sizes.get("cardinality"),
+        )
+    return rows
+
+
+def _check_schema_files(path: Path, schema) -> None:
+    """``DataError`` when ``schema.pbtxt`` and ``.merlin/schema.json`` of one split disagree.
+
+    merlin reads ``.merlin/schema.json`` when it exists and ignores ``schema.pbtxt``; the model
+    directory keeps ``schema.pbtxt``. Both are written by the ETL, so a difference means one was
+    edited: train on neither until they agree (edit both, or delete ``.merlin/``).
+    """
+    if not (path / ".merlin" / "schema.json").is_file():
+        return  # merlin read schema.pbtxt itself
+    from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
+
+    try:
+        pbtxt = TensorflowMetadata.from_proto_text_file(str(path), file_name="schema.pbtxt").to_merlin_schema()
+    except Exception as err:  # a hand-edited file that does not parse
+        raise DataError(f"{path / 'schema.pbtxt'}: cannot be parsed ({err})") from err
+    ours, theirs = _schema_rows(pbtxt), _schema_rows(schema)
+    for name in sorted(set(ours) | set(theirs)):
+        if ours.get(name) != theirs.get(name):
+            raise DataError(
+                f"{path / 'schema.pbtxt'} and {path / '.merlin' / 'schema.json'} disagree on column {name!r} "
+                f"((kind, is_list, tags, cardinality) {ours.get(name)} vs {theirs.get(name)}): merlin reads the "
+                "second; make them agree (or delete .merlin/ to use schema.pbtxt alone)"
+            )
 
 
 def _build_model(name: str, schema, embedding_dim: int, targets: list[str] | None, embeddings_l2: float):
     import pipeline.models as mm
 
     if name not in MODELS:
-        raise DataError(f"unknown model {name!r}; choose one of {MODELS}")
+        raise UsageError(f"unknown model {name!r}; choose one of {MODELS}")
     if targets is None:
         targets = default_targets(schema)
     heads = mm.outputs_from_schema(schema, targets)
@@ -182,6 +265,13 @@ def _epoch_callbacks(train_rows: int, work: Path, history: list[dict], targets: 
         def on_epoch_end(self, epoch, logs=None):
             seconds = self._train_seconds or (time.perf_counter() - self._start)
             logs = primary_metrics({k: float(v) for k, v in (logs or {}).items()}, targets)
+            bad = [k for k in ("loss", "val_loss") if k in logs and not math.isfinite(logs[k])]
+            bad = bad or sorted(k for k, v in logs.items() if not math.isfinite(v))
+            if bad:  # before the checkpoint: a diverged epoch is never saved, resumed or published
+                raise TrainingDiverged(
+                    f"training diverged in epoch {epoch + 1} ({', '.join(f'{k} {logs[k]}' for k in bad[:3])}); "
+                    "nothing was published (lower --learning-rate, or check the data)"
+                )
             record = {
                 "epoch": epoch + 1,
                 "seconds": round(seconds, 3),
@@ -190,18 +280,48 @@ def _epoch_callbacks(train_rows: int, work: Path, history: list[dict], targets: 
                 "valid": {k[4:]: v for k, v in logs.items() if k.startswith("val_")},
             }
             history.append(record)
-            ckpt_dir = work / CHECKPOINTS
-            ckpt_dir.mkdir(exist_ok=True)
-            tmp = ckpt_dir / f".epoch_{epoch + 1:03d}.keras"
-            self.model.save(tmp)
-            tmp.rename(ckpt_dir / f"epoch_{epoch + 1:03d}.keras")
-            (ckpt_dir / "history.json").write_text(json.dumps(history, indent=2))
-            for old in sorted(ckpt_dir.glob("epoch_*.keras"))[:-keep]:
-                old.unlink()
+            save_checkpoint(self.model, work / CHECKPOINTS, history, keep=keep)
             logger.info("epoch %d: %.1f s, %.0f samples/s, %s", epoch + 1, seconds, train_rows / seconds,
                         {k: round(v, 4) for k, v in logs.items()})
 
     return EpochRecorder()
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(model, ckpt_dir: Path, history: list[dict], keep: int = 1) -> Path:
+    """Save epoch ``len(history)``: ``history_NNN.json`` first, then ``epoch_NNN.keras`` renamed into place.
+
+    The rename is the one step that makes the checkpoint exist, so a run killed at any moment
+    leaves either the previous complete checkpoint or this one, never a model without its history.
+    Keeps the newest ``keep`` checkpoints. Returns the model file's path.
+    """
+    ckpt_dir.mkdir(exist_ok=True)
+    epoch = len(history)
+    (ckpt_dir / f"history_{epoch:03d}.json").write_text(json.dumps(history, indent=2))
+    tmp = ckpt_dir / f".epoch_{epoch:03d}.keras"
+    model.save(tmp)
+    final = tmp.rename(ckpt_dir / f"epoch_{epoch:03d}.keras")
+    for old in sorted(ckpt_dir.glob("epoch_*.keras"))[:-keep]:
+        old.unlink()
+        (ckpt_dir / f"history_{old.stem.split('_')[1]}.json").unlink(missing_ok=True)
+    for stray in ckpt_dir.glob(".epoch_*.keras"):  # a save interrupted by an earlier kill
+        stray.unlink()
+    return final
+
+
+def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, list[dict]] | None:
+    """``(model file, history)`` of the newest complete checkpoint in ``ckpt_dir``, or None."""
+    for ckpt in sorted(ckpt_dir.glob("epoch_*.keras"), reverse=True):
+        epoch = int(ckpt.stem.split("_")[1])
+        history_file = ckpt_dir / f"history_{epoch:03d}.json"
+        if not history_file.is_file():
+            history_file = ckpt_dir / "history.json"  # the layout of earlier releases
+        if not history_file.is_file():
+            continue
+        history = json.loads(history_file.read_text())
+        if len(history) == epoch:
+            return ckpt, history
+    return None
 
 
 # --------------------------------------------------------------------------- the stage
@@ -221,22 +341,25 @@ def train_model(
     early_stopping: bool = False,
     resume: bool = False,
     targets: list[str] | None = None,
+    overwrite: bool = False,
     verbose: int | str = "auto",
 ) -> dict:
     """Train ``model`` on ``data_dir``/train, validate on ``data_dir``/valid, write ``out_dir``.
 
     Returns the metrics written to ``out_dir``/metrics.json. Deterministic for a given ``seed``
-    (weights, shuffling and op order: TF op determinism is enabled).
+    (weights, shuffling and op order: TF op determinism is enabled). ``out_dir`` may hold a previous
+    model (it is replaced); any other existing path is refused unless ``overwrite``, and it may never be,
+    contain or sit inside ``data_dir``.
     """
     import pipeline  # noqa: F401  (dask settings before merlin)
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    if epochs < 1:
-        raise DataError(f"--epochs must be at least 1, got {epochs}")
-    if batch_size < 1:
-        raise DataError(f"--batch-size must be positive, got {batch_size}")
-    if lr_schedule not in LR_SCHEDULES:
-        raise DataError(f"--lr-schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    check_settings(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, embedding_dim=embedding_dim,
+                   embeddings_l2=embeddings_l2, weight_decay=weight_decay, lr_schedule=lr_schedule, model=model)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    for path, flag in ((out_dir, "--out"), (work, "--out (its .partial build dir)")):
+        check_output(path, stage="train", flag=flag, is_previous_output=is_model_dir if path == out_dir else _is_partial,
+                     inputs=[("--data", data_dir)], overwrite=overwrite)
     train_ds, valid_ds = _open_split(data_dir, "train"), _open_split(data_dir, "valid")
     schema = train_ds.schema
     fingerprint = schema_fingerprint(schema)
@@ -250,6 +373,8 @@ def train_model(
     if batch_size > train_rows:
         raise DataError(f"--batch-size {batch_size} is larger than the {train_rows} training rows in {data_dir / 'train'}")
 
+    etl_run = _etl_run(data_dir)
+
     import keras
     import tensorflow as tf
 
@@ -258,9 +383,8 @@ def train_model(
         "embedding_dim": embedding_dim, "embeddings_l2": embeddings_l2, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
         "seed": seed,
         "early_stopping": early_stopping,
-        "data_dir": str(data_dir.resolve()), "schema_fingerprint": fingerprint,
+        "data_dir": str(data_dir.resolve()), "schema_fingerprint": fingerprint, "etl_run_id": etl_run,
     }
-    work = out_dir.with_name(out_dir.name + ".partial")
     history: list[dict] = []
     initial_epoch = 0
     keras.utils.set_random_seed(seed)
@@ -270,13 +394,16 @@ def train_model(
     if checkpoint is not None:
         import pipeline.models  # noqa: F401  (registers the layers a checkpoint names)
 
+        checkpoint, prior = checkpoint
         net = keras.saving.load_model(checkpoint)
-        prior = json.loads((checkpoint.parent / "history.json").read_text())
         history.extend(prior)
         initial_epoch = len(prior)
         old = json.loads((checkpoint.parent / "config.json").read_text()) if (checkpoint.parent / "config.json").exists() else {}
         if old.get("schema_fingerprint", fingerprint) != fingerprint:
             raise ArtifactError(f"{checkpoint}: was trained on a different schema than {data_dir}; train without --resume")
+        if old.get("etl_run_id", etl_run) != etl_run:
+            raise ArtifactError(f"{checkpoint}: was trained on another ETL run (run {old['etl_run_id'][:12]}) than "
+                                f"{data_dir} (run {etl_run[:12]}); train without --resume")
         logger.info("resuming from %s (epoch %d)", checkpoint, initial_epoch)
         if initial_epoch >= epochs:
             logger.info("already trained for %d epochs (asked for %d): nothing to fit", initial_epoch, epochs)
@@ -294,9 +421,8 @@ def train_model(
         # first_epoch: the shuffle of epoch k is the same with or without --resume
         train_loader = net.make_loader(train_ds, batch_size, shuffle=True, seed=seed, first_epoch=initial_epoch)
         valid_loader = net.make_loader(valid_ds, batch_size)
-    except Exception:
-        if not any((work / CHECKPOINTS).glob("epoch_*.keras")):
-            shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave no trace
+    except BaseException:
+        _drop_partial_without_checkpoint(work)
         raise
     if checkpoint is None:  # a resumed model keeps its optimizer and schedule from the checkpoint
         net.compile(optimizer=make_optimizer(learning_rate, weight_decay, lr_schedule,
@@ -314,10 +440,21 @@ def train_model(
             net.fit(train_loader, epochs=epochs, initial_epoch=initial_epoch, validation_data=valid_loader,
                     callbacks=callbacks, verbose=verbose)
         valid_metrics = net.evaluate(valid_loader, return_dict=True, verbose=0)
+    except OSError as err:
+        _drop_partial_if_out_of_space(err, work)
+        raise
+    except BaseException:
+        _drop_partial_without_checkpoint(work)
+        raise
     finally:
         train_loader.stop()
         valid_loader.stop()
     fit_seconds = time.perf_counter() - started
+    bad = sorted(k for k, v in valid_metrics.items() if not math.isfinite(float(v)))
+    if bad:
+        _drop_partial_without_checkpoint(work)
+        raise TrainingDiverged(f"the trained model's valid metrics are not finite ({', '.join(bad)}); "
+                               f"nothing was published to {out_dir}")
 
     metrics = {
         "valid": primary_metrics({k: float(v) for k, v in valid_metrics.items()}, net.target_names),
@@ -327,26 +464,67 @@ def train_model(
         "fit_seconds": round(fit_seconds, 3),
         "targets": net.target_names,
     }
-    _write_outputs(net, work, data_dir, config, metrics)
-    write_manifest(work)  # the predictor loads only a model dir whose checksums match
+    try:
+        _write_outputs(net, work, data_dir, config, metrics)
+        # the predictor loads only a model dir whose checksums match, with the ETL run it names
+        write_manifest(work, stage="train", etl_run_id=etl_run)
+    except OSError as err:
+        _drop_partial_if_out_of_space(err, work)
+        raise
     replace_dir(work, out_dir)
     logger.info("model written to %s; valid %s", out_dir, {k: round(v, 4) for k, v in metrics["valid"].items()})
     return metrics
 
 
-def _resume_point(work: Path, out_dir: Path) -> Path | None:
-    """The newest checkpoint of an interrupted run (``out_dir.partial``) or of a finished one (``out_dir``)."""
+def _resume_point(work: Path, out_dir: Path) -> tuple[Path, list[dict]]:
+    """``(checkpoint, history)`` of an interrupted run (``out_dir.partial``) or of a finished one (``out_dir``)."""
     for base in (work, out_dir):
-        ckpts = sorted((base / CHECKPOINTS).glob("epoch_*.keras"))
-        if ckpts and (base / CHECKPOINTS / "history.json").exists():
+        found = latest_checkpoint(base / CHECKPOINTS)
+        if found is not None:
             if base == out_dir:
                 # Continue a finished model in a fresh partial copy; out_dir stays intact until done.
                 if work.exists():
                     shutil.rmtree(work)
                 shutil.copytree(out_dir, work)
-                return work / CHECKPOINTS / ckpts[-1].name
-            return ckpts[-1]
+                return work / CHECKPOINTS / found[0].name, found[1]
+            return found
     raise ArtifactError(f"--resume: no checkpoint in {work / CHECKPOINTS} or {out_dir / CHECKPOINTS}")
+
+
+def _is_partial(path: Path) -> bool:
+    """A ``MODEL_DIR.partial`` of an earlier run: it holds our checkpoints dir (or nothing)."""
+    return path.is_dir() and ((path / CHECKPOINTS).is_dir() or not any(path.iterdir()))
+
+
+def _etl_run(data_dir: Path) -> str:
+    """The identity of the ETL run in ``data_dir`` (``pipeline.etl.etl_run_id``), checked against the one the
+    ETL recorded in ``workflow/manifest.json``: different means the splits changed after the ETL wrote them."""
+    from pipeline.etl import etl_run_id
+
+    run = etl_run_id(data_dir)
+    recorded = (read_manifest(data_dir / "workflow") or {}).get("run_id")
+    if recorded is not None and recorded != run:
+        raise DataError(
+            f"{data_dir}: its train/valid parquet or category files are not the ones its ETL run wrote "
+            f"(run {recorded[:12]}, now {run[:12]}); re-run `python -m pipeline etl`"
+        )
+    return run
+
+
+def _drop_partial_without_checkpoint(work: Path) -> None:
+    """A failed run with no complete checkpoint has nothing to resume from: leave no trace of it."""
+    if work.exists() and latest_checkpoint(work / CHECKPOINTS) is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _drop_partial_if_out_of_space(err: OSError, work: Path) -> None:
+    """On a full disk, remove the partial run (its checkpoints are what filled it) and raise an
+    ``OSError`` that names it; other errors return to be re-raised as they are."""
+    if err.errno not in OUT_OF_SPACE:
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    raise OSError(err.errno, f"{err.strerror or err} while writing the model (the partial run was removed; "
+                  "the previous model, if any, is unchanged)", str(work)) from err
 
 
 def _write_outputs(net, work: Path, data_dir: Path, config: dict, metrics: dict) -> None:
@@ -377,7 +555,10 @@ def _write_outputs(net, work: Path, data_dir: Path, config: dict, metrics: dict)
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="ETL output dir (train/, valid/ with schema.pbtxt)")
-    parser.add_argument("--out", type=Path, required=True, help="model dir to write")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="model dir to write; a previous model there is replaced atomically")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it is not a previous model dir (never the --data dir)")
     parser.add_argument("--model", choices=MODELS, default=DEFAULTS["model"])
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
@@ -402,7 +583,7 @@ def main(args: argparse.Namespace) -> int:
         args.data, args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, embedding_dim=args.embedding_dim, embeddings_l2=args.embeddings_l2,
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, seed=args.seed,
-        early_stopping=args.early_stopping, resume=args.resume, targets=args.targets,
+        early_stopping=args.early_stopping, resume=args.resume, targets=args.targets, overwrite=args.overwrite,
     )
     last = metrics["epochs"][-1] if metrics["epochs"] else {}
     print(json.dumps({"model_dir": str(args.out), "valid": metrics["valid"],

@@ -209,18 +209,20 @@ def test_failed_run_leaves_previous_output_and_no_temporary_dir(synthetic_raw, t
     out = tmp_path / "etl"
     out.mkdir()
     (out / "marker").write_text("previous run")
+    # `out` is not an ETL output: only --overwrite lets a run replace it, and these runs fail first.
     # Fails after the temporary output dir exists (the Dask cluster cannot start with 0 workers).
     with pytest.raises(DeviceError, match="workers"):
-        run_etl("ml-1m", out, raw=synthetic_raw, workers=0)
+        run_etl("ml-1m", out, raw=synthetic_raw, workers=0, overwrite=True)
     # Fails at the split (ml-1m has no official split).
     with pytest.raises(DataError, match="official"):
-        run_etl("ml-1m", out, raw=synthetic_raw, split="official")
+        run_etl("ml-1m", out, raw=synthetic_raw, split="official", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["etl"]
     assert [p.name for p in out.iterdir()] == ["marker"]
 
 
-def test_interrupt_during_fit_leaves_no_output(tmp_path):
-    """Ctrl-C half-way (after the split, while the workflow is being fitted): no DIR, no temporary dir."""
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_interrupt_during_fit_leaves_no_output(tmp_path, signal_name):
+    """Ctrl-C or SIGTERM half-way (after the split, while the workflow is being fitted): no DIR, no temporary dir."""
     import signal
 
     from pipeline.datasets import generate_synthetic
@@ -240,9 +242,12 @@ def test_interrupt_during_fit_leaves_no_output(tmp_path):
     while not list(tmp_path.glob(".out.tmp-*")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)  # the run is past the split and imports: it now builds in the temporary dir
     assert list(tmp_path.glob(".out.tmp-*")), "expected the temporary output dir"
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, signal_name))
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0 and "KeyboardInterrupt" in stderr
+    if signal_name == "SIGINT":
+        assert process.returncode != 0 and "KeyboardInterrupt" in stderr
+    else:  # unwound like Ctrl-C, exit status 128 + 15 as a shell reports a terminated job
+        assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 

@@ -120,7 +120,9 @@ def test_unseen_users_and_movies_land_on_the_oov_rows(predictor, raw_valid):
         (pd.DataFrame({"userId": [1]}), "missing field(s) ['movieId']"),
         (pd.DataFrame({"userId": [1], "movieId": [2], "rating": [5.0]}), "unexpected field(s) ['rating']"),
         (pd.DataFrame({"userId": [1, 2], "movieId": ["3", "x"]}), "field 'movieId' must hold integer ids"),
-        (pd.DataFrame({"userId": [1.0, np.nan], "movieId": [3, 4]}), "field 'userId' must hold integer ids"),
+        (pd.DataFrame({"userId": [1.0, np.nan], "movieId": [3, 4]}), "field 'userId' has a missing value at row 1"),
+        (pd.DataFrame({"userId": [1.0, 2.5], "movieId": [3, 4]}), "field 'userId' must hold integer ids (row 1: 2.5)"),
+        (pd.DataFrame({"userId": [1, 2], "movieId": [3, -4]}), "field 'movieId': id -4 at row 1 is negative"),
     ],
 )
 def test_bad_request_frames_name_the_field(predictor, frame, message):
