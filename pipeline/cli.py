@@ -23,6 +23,7 @@ STAGES = {
     "train": ("pipeline.train", "ETL output -> schema-built model -> fit -> saved model + metrics"),
     "predict": ("pipeline.inference", "raw (userId, movieId) rows -> saved workflow -> saved model -> scores"),
     "serve": ("pipeline.serve", "HTTP API over the saved workflow and model"),
+    "export": ("pipeline.export", "saved workflow + model -> one TF SavedModel scoring raw (userId, movieId)"),
 }
 
 
