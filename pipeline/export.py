@@ -145,25 +145,39 @@ def raw_request_module(predictor: "Predictor"):
     return RawRequestModel()
 
 
-def export_raw_model(predictor: "Predictor", out: str | Path | None = None, *, check_pairs: int = 2048,
-                     seed: int = 0) -> dict[str, Any]:
+def is_export_dir(path: Path) -> bool:
+    """Whether ``path`` holds an earlier output of this stage (which it may replace)."""
+    return (path / EXPORT_INFO).is_file() and (path / "saved_model.pb").is_file()
+
+
+def export_raw_model(predictor: "Predictor", out: str | Path | None = None, *, overwrite: bool = False,
+                     check_pairs: int = 2048, seed: int = 0) -> dict[str, Any]:
     """Write the raw-request SavedModel of ``predictor`` to ``out`` (default ``MODEL_DIR/serving_raw``).
 
     Built in a temporary sibling; before it is renamed into place it is loaded back and must score
     ``check_pairs`` random known pairs plus unseen ones within ``TOLERANCE`` of ``predictor.predict``.
-    Inside the model directory, its manifest is verified first and re-written after. Returns a summary.
+    ``out`` may replace an earlier export, anything else only with ``overwrite``; never the model or
+    ETL directory. Inside the model directory, its manifest is verified first and re-written after
+    (same recorded fields). Returns a summary.
     """
     import pandas as pd
     import tensorflow as tf
 
-    from pipeline.atomic import atomic_dir
-    from pipeline.manifest import verify_manifest, write_manifest
+    from pipeline.atomic import atomic_dir, check_output
+    from pipeline.errors import UsageError
+    from pipeline.manifest import read_manifest, verify_manifest, write_manifest
 
     model_dir = Path(predictor.model_dir).resolve()
     out = Path(out) if out is not None else model_dir / EXPORT_DIR
-    inside = out.resolve().parent == model_dir
+    resolved = out.resolve()
+    if resolved == model_dir or model_dir.is_relative_to(resolved):
+        raise UsageError(f"--out {out} would replace the model directory {predictor.model_dir}")
+    check_output(out, stage="export", flag="--out", is_previous_output=is_export_dir, overwrite=overwrite,
+                 inputs=[("--data", predictor.etl_dir)])
+    inside = resolved.parent == model_dir
     if inside:  # the directory must still be what the train stage wrote before we add to it
         verify_manifest(model_dir, required=("model.keras",))
+        fields = {k: v for k, v in (read_manifest(model_dir) or {}).items() if k not in ("algorithm", "files")}
 
     start = time.perf_counter()
     module = raw_request_module(predictor)
@@ -198,7 +212,7 @@ def export_raw_model(predictor: "Predictor", out: str | Path | None = None, *, c
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1))
     if inside:
-        write_manifest(model_dir)
+        write_manifest(model_dir, **fields)
     info["out"] = str(out)
     info["seconds"] = round(time.perf_counter() - start, 2)
     logger.info("exported the raw-request model to %s (max |difference| to the predictor %.2g)", out, diff)
@@ -214,11 +228,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="ETL output dir (holds workflow/)")
     parser.add_argument("--model", required=True, type=Path, help="model dir written by `train`")
     parser.add_argument("--out", type=Path, default=None, help=f"output dir (default MODEL_DIR/{EXPORT_DIR})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out that is not an earlier export")
 
 
 def main(args: argparse.Namespace) -> int:
     from pipeline.inference import Predictor
 
     predictor = Predictor.load(args.data, args.model)
-    print(json.dumps(export_raw_model(predictor, args.out), indent=1))
+    print(json.dumps(export_raw_model(predictor, args.out, overwrite=args.overwrite), indent=1))
     return 0

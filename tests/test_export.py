@@ -71,15 +71,30 @@ def test_the_export_scores_raw_ids_with_no_pipeline_code(exported, predictor, tm
 def test_the_model_dir_still_loads_after_an_export_into_it(exported, etl_dir):
     """The export re-writes the model dir's manifest, so the predictor's checksum check still passes."""
     from pipeline.inference import Predictor
-    from pipeline.manifest import verify_manifest
+    from pipeline.manifest import read_manifest, verify_manifest
 
     copy, out = exported
     files = verify_manifest(copy)
+    assert read_manifest(copy)["stage"] == "train"  # the train stage's own fields are kept
     assert "serving_raw/saved_model.pb" in files and "serving_raw/export.json" in files
     info = json.loads((out / "export.json").read_text())
     assert info["max_abs_difference_to_predictor"] <= 1e-6 and info["inputs"] == {"userId": "int64 [None]",
                                                                                   "movieId": "int64 [None]"}
     Predictor.load(etl_dir, copy, feature_cache=False)
+
+
+def test_an_export_never_replaces_what_is_not_an_earlier_export(predictor, tmp_path):
+    from pipeline.errors import UsageError
+    from pipeline.export import export_raw_model
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="not a previous `export` output"):
+        export_raw_model(predictor, precious)
+    with pytest.raises(UsageError, match="model directory"):
+        export_raw_model(predictor, predictor.model_dir)
+    assert (precious / "notes.txt").read_text() == "keep me"
 
 
 def test_an_export_into_a_modified_model_dir_is_refused(exported, etl_dir, predictor, tmp_path):
