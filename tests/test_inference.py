@@ -149,6 +149,20 @@ def test_recommend_ranks_every_movie_and_can_exclude_rated_ones(predictor, raw_v
     assert [m for m in movies if m not in rated] == [m for m, _ in fresh][: len([m for m in movies if m not in rated])]
 
 
+def test_recommend_breaks_ties_by_movie_id_over_the_whole_catalog(predictor, raw_valid, monkeypatch):
+    """Movies without training ratings share the OOV rows and tie; the top k must not depend on which
+    members of a tie at the k boundary a partial sort happens to pick."""
+    real_scores = predictor.score_inputs
+    # scores coarsened to 0.1 steps: every k boundary falls inside a large tie
+    monkeypatch.setattr(predictor, "score_inputs", lambda arrays: np.round(real_scores(arrays), 1))
+    user = int(raw_valid["userId"].iloc[0])
+    items = predictor.candidate_items
+    every = np.round(real_scores(predictor.features(pd.DataFrame({"userId": user, "movieId": items}))), 1)
+    expected = sorted(zip(items.tolist(), every.tolist()), key=lambda pair: (-pair[1], pair[0]))
+    for k in (1, 7, 50, 123, len(items)):
+        assert predictor.recommend(user, k=k) == [(m, pytest.approx(s)) for m, s in expected[:k]]
+
+
 def _rated_in_train(etl_dir, predictor, user) -> list[int]:
     """Raw movieIds the user rated in the processed train split, decoded through the workflow."""
     train = pd.concat(pd.read_parquet(f, columns=["userId", "movieId"]) for f in sorted((etl_dir / "train").glob("*.parquet")))
