@@ -35,7 +35,7 @@ from pipeline.manifest import read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("dlrm",)
+MODELS = ("dlrm", "dcn", "deepfm", "wide-deep", "mlp")  # --model; see _build_model
 # Measured on default-size synthetic ml-1m, 3 epochs (valid AUC; oracle 0.848, learnable ceiling ~0.827:
 # benchmarks/results/quality.md). Without regularization DLRM overfits the id embeddings from epoch 2;
 # decoupled weight decay (AdamW, 1.0) with 16-wide embeddings beats a per-batch embeddings L2 (0.7998 vs
@@ -237,14 +237,24 @@ def _build_model(name: str, schema, embedding_dim: int, targets: list[str] | Non
     if targets is None:
         targets = default_targets(schema)
     heads = mm.outputs_from_schema(schema, targets)
-    return mm.DLRMModel(
-        schema,
-        embedding_dim=embedding_dim,
-        bottom_block=mm.MLPBlock([128, embedding_dim]),
-        top_block=mm.MLPBlock([128, 64, 32]),
-        prediction_tasks=heads,
-        embeddings_l2=embeddings_l2,
-    )
+    if name == "dlrm":
+        return mm.DLRMModel(
+            schema,
+            embedding_dim=embedding_dim,
+            bottom_block=mm.MLPBlock([128, embedding_dim]),
+            top_block=mm.MLPBlock([128, 64, 32]),
+            prediction_tasks=heads,
+            embeddings_l2=embeddings_l2,
+        )
+    # The other architectures get DLRM's budget: the same embeddings and a deep part as wide as its top MLP.
+    shared = dict(prediction_tasks=heads, embeddings_l2=embeddings_l2)
+    if name == "dcn":
+        return mm.DCNModel(schema, depth=3, deep_block=mm.MLPBlock([128, 64, 32]), embedding_dim=embedding_dim, **shared)
+    if name == "deepfm":
+        return mm.DeepFMModel(schema, embedding_dim, deep_block=mm.MLPBlock([128, 64, 32]), **shared)
+    if name == "wide-deep":
+        return mm.WideAndDeepModel(schema, mm.MLPBlock([128, 64, 32]), embedding_dim=embedding_dim, **shared)
+    return mm.MLPModel(schema, mm.MLPBlock([128, 64, 32]), embedding_dim=embedding_dim, **shared)
 
 
 # --------------------------------------------------------------------------- callbacks

@@ -8,6 +8,8 @@ Every layer is registered for Keras saving (package ``pipeline``), so a model sa
 
 from pipeline.models.aggregations import ConcatFeatures, CosineSimilarity, ElementwiseSum, StackFeatures
 from pipeline.models.core import Block, Filter, Identity, ParallelBlock, ResidualBlock, SequentialBlock
+from pipeline.models.dcn import DCNModel
+from pipeline.models.deepfm import DeepFMModel
 from pipeline.models.dlrm import DLRMModel
 from pipeline.models.features import (
     ContinuousFeatures,
@@ -15,11 +17,21 @@ from pipeline.models.features import (
     InputBlock,
     SequenceEmbeddingFeatures,
 )
-from pipeline.models.interaction import CrossBlock, DotProductInteractionBlock
+from pipeline.models.interaction import CrossBlock, DotProductInteractionBlock, FMBlock
 from pipeline.models.mlp import MLPBlock
+from pipeline.models.mlp_model import MLPModel
 from pipeline.models.model import Model, sample_batch
-from pipeline.models.outputs import BinaryOutput, CategoricalOutput, OutputBlock, RegressionOutput, outputs_from_schema
+from pipeline.models.outputs import (
+    BinaryOutput,
+    CategoricalOutput,
+    OutputBlock,
+    RegressionOutput,
+    heads_from,
+    outputs_from_schema,
+)
 from pipeline.models.transforms import AsDenseFeatures, L2Norm, LogitsTemperatureScaler, ToDense
+from pipeline.models.wide import WideBlock
+from pipeline.models.wide_deep import WideAndDeepModel
 
 
 def load_model(path):
@@ -31,8 +43,9 @@ def load_model(path):
 
 __all__ = [
     "AsDenseFeatures", "BinaryOutput", "Block", "CategoricalOutput", "ConcatFeatures", "ContinuousFeatures",
-    "CosineSimilarity", "CrossBlock", "DLRMModel", "DotProductInteractionBlock", "ElementwiseSum",
-    "EmbeddingFeatures", "Filter", "Identity", "InputBlock", "L2Norm", "LogitsTemperatureScaler", "MLPBlock",
-    "Model", "OutputBlock", "ParallelBlock", "RegressionOutput", "ResidualBlock", "SequenceEmbeddingFeatures",
-    "SequentialBlock", "StackFeatures", "ToDense", "load_model", "outputs_from_schema", "sample_batch",
+    "CosineSimilarity", "CrossBlock", "DCNModel", "DLRMModel", "DeepFMModel", "DotProductInteractionBlock",
+    "ElementwiseSum", "EmbeddingFeatures", "FMBlock", "Filter", "Identity", "InputBlock", "L2Norm",
+    "LogitsTemperatureScaler", "MLPBlock", "MLPModel", "Model", "OutputBlock", "ParallelBlock", "RegressionOutput",
+    "ResidualBlock", "SequenceEmbeddingFeatures", "SequentialBlock", "StackFeatures", "ToDense", "WideAndDeepModel",
+    "WideBlock", "heads_from", "load_model", "outputs_from_schema", "sample_batch",
 ]

@@ -13,7 +13,7 @@ from pipeline.models.features import ContinuousFeatures, EmbeddingFeatures
 from pipeline.models.interaction import DotProductInteractionBlock
 from pipeline.models.mlp import MLPBlock
 from pipeline.models.model import Model
-from pipeline.models.outputs import OutputBlock, outputs_from_schema
+from pipeline.models.outputs import OutputBlock, heads_from
 
 
 def DLRMModel(
@@ -39,12 +39,7 @@ def DLRMModel(
     """
     bottom_block = bottom_block if bottom_block is not None else MLPBlock([128, embedding_dim])
     top_block = top_block if top_block is not None else MLPBlock([128, 64, 32])
-    if prediction_tasks is None:
-        heads = outputs_from_schema(schema)
-    elif isinstance(prediction_tasks, OutputBlock):
-        heads = [prediction_tasks]
-    else:
-        heads = list(prediction_tasks)
+    heads = heads_from(schema, prediction_tasks)
 
     inputs = schema.excluding_by_tag(Tags.TARGET)
     embeddings = EmbeddingFeatures.from_schema(inputs, embedding_dim, embedding_dims=embedding_dims, combiner=combiner,

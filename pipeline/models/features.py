@@ -226,6 +226,7 @@ def InputBlock(
     combiner: str = "mean",
     continuous_block: keras.layers.Layer | None = None,
     aggregation=None,
+    embeddings_l2: float = 0.0,
     **kwargs,
 ) -> ParallelBlock:
     """Every input of ``schema``: embeddings of categorical columns plus continuous columns.
@@ -233,12 +234,12 @@ def InputBlock(
     Returns a ``ParallelBlock`` whose output is ``{feature: tensor}`` (embeddings ``(batch, dim)``,
     continuous ``(batch, 1)``), or, if ``continuous_block`` is given (e.g. ``MLPBlock([64])``), the
     continuous features passed through it under the key ``"continuous"``. ``aggregation`` (e.g.
-    "concat") turns the dict into one tensor.
+    "concat") turns the dict into one tensor. ``embeddings_l2``: ``EmbeddingFeatures``' per-batch L2 penalty.
     """
     branches: dict[str, keras.layers.Layer] = {}
     if _input_columns(schema, Tags.CATEGORICAL):
         branches["categorical"] = EmbeddingFeatures.from_schema(
-            schema, embedding_dim, embedding_dims=embedding_dims, combiner=combiner
+            schema, embedding_dim, embedding_dims=embedding_dims, combiner=combiner, l2_regularization=embeddings_l2
         )
     if _input_columns(schema, Tags.CONTINUOUS):
         continuous = ContinuousFeatures.from_schema(schema)

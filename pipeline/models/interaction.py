@@ -59,3 +59,26 @@ class CrossBlock(Block):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "depth": self.depth, "projection_dim": self.projection_dim}
+
+
+@register
+class FMBlock(Block):
+    """A factorization machine's second-order term: the sum of every pairwise dot product.
+
+    ``{name: (batch, d)}`` (n features, one width ``d``) or a stacked ``(batch, n, d)`` ->
+    ``(batch, 1)``, computed as ``0.5 * sum_d((sum_i v_i)^2 - sum_i v_i^2)`` (linear in n).
+
+    Example:
+        >>> fm = FMBlock()
+        >>> fm({"a": ops.ones((2, 4)), "b": ops.ones((2, 4))}).shape   # <a, b> = 4
+        (2, 1)
+    """
+
+    def call(self, inputs):
+        if isinstance(inputs, Mapping):
+            stacked = ops.stack([ops.cast(inputs[k], "float32") for k in sorted(inputs)], axis=1)
+        else:
+            stacked = ops.cast(inputs, "float32")
+        summed = ops.sum(stacked, axis=1)
+        squares = ops.sum(ops.square(stacked), axis=1)
+        return 0.5 * ops.sum(ops.square(summed) - squares, axis=-1, keepdims=True)

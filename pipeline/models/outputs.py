@@ -129,3 +129,12 @@ def outputs_from_schema(schema: Schema, targets: list[str] | None = None) -> lis
                 f"target {name!r} has no task tag (binary_classification, regression or multi_class_classification)"
             )
     return heads
+
+
+def heads_from(schema: Schema, prediction_tasks: "OutputBlock | list[OutputBlock] | None") -> list[OutputBlock]:
+    """The heads of a prebuilt model: ``prediction_tasks`` as a list, by default one per target of ``schema``."""
+    if prediction_tasks is None:
+        return outputs_from_schema(schema)
+    if isinstance(prediction_tasks, OutputBlock):
+        return [prediction_tasks]
+    return list(prediction_tasks)
