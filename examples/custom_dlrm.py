@@ -2,46 +2,43 @@
 
 Usage::
 
-    python examples/custom_dlrm.py ETL_DIR [--epochs 1] [--save custom_dlrm.keras]
+    DATA_FOLDER=data python examples/custom_dlrm.py
 
-ETL_DIR is the output of ``python -m pipeline etl`` (train/ and valid/ with schema.pbtxt), which has
-the columns and tags of Merlin's ``get_movielens``. Each step prints what the tutorial's cell shows.
+As in the tutorial, ``get_movielens(variant="ml-1m", path=DATA_FOLDER)`` gives the train and valid
+datasets: our ETL stage runs into ``DATA_FOLDER/ml-1m-etl`` on the raw files in ``DATA_FOLDER/ml-1m/``
+(or ``ml-1m.zip``, else where ``python -m pipeline etl`` finds them), once; its output has the columns
+and tags of Merlin's ``get_movielens``. Each step prints what the tutorial's cell shows, and the model
+is saved as the tutorial saves it, to ``DATA_FOLDER/custom_dlrm`` (a directory: ``model.keras`` +
+``saved_model/``, read back by ``pipeline.models.load_model``).
 
 Differences from the tutorial, all deliberate:
-- ``mm`` is ``pipeline.models`` (Keras 3) instead of ``merlin.models.tf`` (Keras 2).
+- ``mm`` is ``pipeline.models`` (Keras 3) instead of ``merlin.models.tf`` (Keras 2), and
+  ``get_movielens`` comes from ``pipeline.datasets`` instead of ``merlin.datasets.entertainment``.
 - The prediction task is ``BinaryOutput`` (the tutorial's ``BinaryClassificationTask``), with the
   same ``LogitsTemperatureScaler(temperature=2)`` before the sigmoid.
 - The interaction output is ``(5, 74)``: 64 (deep_continuous shortcut) + 10 dot products of the
   5 feature vectors, which is DLRM's interaction (keras_rs.layers.DotInteraction). The notebook's
   ``(5, 2080)`` came from an early Merlin Models interaction that took dot products across the
   embedding dimension (64 * 65 / 2) instead of across features.
-- Keras 3 saves to a ``.keras`` file.
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+import os
 
 import pipeline  # noqa: F401  (dask settings before merlin)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("etl_dir", type=Path)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--save", type=Path, default=Path("custom_dlrm.keras"))
-    args = parser.parse_args()
-
     import keras
-    from merlin.io import Dataset
     from merlin.schema.tags import Tags
 
     import pipeline.models as mm
+    from pipeline.datasets import get_movielens
 
+    DATA_FOLDER = os.environ.get("DATA_FOLDER", "data")
     keras.utils.set_random_seed(0)
-    train = Dataset(str(args.etl_dir / "train"), engine="parquet")
-    valid = Dataset(str(args.etl_dir / "valid"), engine="parquet")
+    train, valid = get_movielens(variant="ml-1m", path=DATA_FOLDER)
 
     # The first five rows of the validation data as a batch of input tensors.
     batch = mm.sample_batch(valid, batch_size=5, shuffle=False)[0]
@@ -83,13 +80,14 @@ def main() -> None:
     print("type(model):", type(model).__module__ + "." + type(model).__name__)
 
     model.compile(optimizer="adam", metrics=[keras.metrics.AUC(name="auc")])
-    model.fit(train, batch_size=1024, epochs=args.epochs, verbose=2)
+    model.fit(train, batch_size=1024, epochs=1, verbose=2)
 
     metrics = model.evaluate(valid, batch_size=1024, return_dict=True, verbose=0)
     print("metrics:", {k: round(float(v), 4) for k, v in metrics.items()})
 
-    model.save(args.save)
-    print("saved:", args.save)
+    model.save(os.path.join(DATA_FOLDER, "custom_dlrm"))
+    reloaded = mm.load_model(os.path.join(DATA_FOLDER, "custom_dlrm"))
+    print("saved:", os.path.join(DATA_FOLDER, "custom_dlrm"), "and reloaded:", type(reloaded).__name__)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@
 - :func:`generate_synthetic` writes ml-1m- or ml-100k-format files with a planted signal and an oracle
   (:func:`read_oracle`), so tests and the default run need no MovieLens download.
 - :func:`download_movielens` fetches the official GroupLens zip (MD5-checked) for a user with a network.
+- :func:`get_movielens` (Merlin's tutorial entry point) -> ``(train, valid)`` merlin Datasets made by the ETL.
 """
 
 from pipeline.datasets.download import download_movielens
+from pipeline.datasets.entertainment import get_movielens
 from pipeline.datasets.ml100k import read_ml100k_split
 from pipeline.datasets.raw import RawMovieLens
 from pipeline.datasets.readers import read_movielens
@@ -16,6 +18,7 @@ __all__ = [
     "RawMovieLens",
     "download_movielens",
     "generate_synthetic",
+    "get_movielens",
     "read_ml100k_split",
     "read_movielens",
     "read_oracle",

@@ -35,10 +35,18 @@ from pipeline.models.wide_deep import WideAndDeepModel
 
 
 def load_model(path):
-    """Load a model saved with ``model.save(path)`` (a ``.keras`` file)."""
+    """Load a model saved with ``model.save(path)``: a ``.keras`` file, or the directory ``Model.save``
+    writes for a path without an extension (its ``model.keras``). Importing this package registers every
+    layer, so no custom_objects are needed; plain ``keras.saving.load_model`` needs ``import pipeline.models``
+    first (Keras finds registered classes only in modules already imported)."""
+    from pathlib import Path
+
     import keras
 
-    return keras.saving.load_model(path)
+    from pipeline.models.model import SAVED_MODEL_FILE
+
+    path = Path(path)
+    return keras.saving.load_model(path / SAVED_MODEL_FILE if path.is_dir() else path)
 
 
 __all__ = [

@@ -8,6 +8,7 @@ Keras accepts works too. One output returns ``(batch, units)``; several (multi-t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping
 
 import keras
@@ -15,11 +16,14 @@ import numpy as np
 from merlin.io import Dataset
 from merlin.schema import Schema
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, UsageError
 from pipeline.loader import Loader
 from pipeline.models.core import deserialize, input_feature_names, register, serialize
 from pipeline.models.features import ContinuousFeatures, EmbeddingFeatures, SequenceEmbeddingFeatures
 from pipeline.models.outputs import OutputBlock
+
+
+SAVED_MODEL_FILE = "model.keras"  # inside a directory written by Model.save(path_without_extension)
 
 
 @register
@@ -101,6 +105,26 @@ class Model(keras.Model):
         block = deserialize(config.pop("block"))
         outputs = [deserialize(c) for c in config.pop("outputs")]
         return cls(block, *outputs, **config)
+
+    # ----------------------------------------------------------------- saving
+    def save(self, filepath, overwrite: bool = True, **kwargs) -> None:
+        """Keras ``save`` to a ``.keras`` file, or, for a path without that extension (as Merlin's
+        tutorials write ``model.save(os.path.join(DATA_FOLDER, "custom_dlrm"))``), a directory holding
+        ``model.keras`` and ``saved_model/`` (``model.export``, for TF Serving / Triton), built beside it
+        and renamed into place. ``load_model`` reads either. An existing directory is replaced only if it
+        is such a saved model (and ``overwrite``)."""
+        path = Path(filepath)
+        if path.suffix in (".keras", ".h5"):
+            return super().save(filepath, overwrite=overwrite, **kwargs)
+        from pipeline.atomic import atomic_dir
+
+        if path.exists() and not (overwrite and (path / SAVED_MODEL_FILE).is_file()):
+            raise UsageError(f"{path} exists and is not a model directory written by Model.save"
+                             f"{'' if overwrite else ' (and overwrite=False)'}: refusing to replace it")
+        with atomic_dir(path) as tmp:
+            super().save(tmp / SAVED_MODEL_FILE, **kwargs)
+            self.export(str(tmp / "saved_model"), format="tf_saved_model", input_signature=[self.input_signature()],
+                        verbose=False)
 
     # ----------------------------------------------------------------- training
     def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):

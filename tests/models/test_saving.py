@@ -46,3 +46,40 @@ def test_multi_task_model_round_trips_through_a_keras_file_in_a_fresh_process(et
     after = np.load(tmp_path / "after.npz")
     for target in ("rating_binary", "rating"):
         np.testing.assert_array_equal(after[target], before[target])
+
+
+def test_a_path_without_extension_saves_a_directory_that_load_model_reads_in_a_fresh_process(etl_dir, tmp_path):
+    """The tutorial's ``model.save(os.path.join(DATA_FOLDER, "custom_dlrm"))``: Keras 3 alone refuses it."""
+    import keras
+    import pytest
+    from merlin.io import Dataset
+
+    import pipeline.models as mm
+    from pipeline.errors import UsageError
+
+    valid = Dataset(str(etl_dir / "valid"), engine="parquet")
+    keras.utils.set_random_seed(1)
+    model = mm.MLPModel(valid.schema, mm.MLPBlock([8]), mm.BinaryOutput("rating_binary"), embedding_dim=4)
+    before = model.predict(valid, batch_size=4096, verbose=0)
+    model.save(tmp_path / "custom_dlrm")
+    assert {p.name for p in (tmp_path / "custom_dlrm").iterdir()} == {"model.keras", "saved_model"}
+    model.save(tmp_path / "custom_dlrm")  # its own earlier save is replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UsageError, match="not a model directory written by Model.save"):
+        model.save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from merlin.io import Dataset
+        from pipeline.models import load_model  # registers the layers itself
+        model = load_model({str(tmp_path / "custom_dlrm")!r})
+        np.save({str(tmp_path / "after.npy")!r}, model.predict(Dataset({str(etl_dir / "valid")!r}, engine="parquet"),
+                                                       batch_size=4096, verbose=0))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "after.npy"), before)
