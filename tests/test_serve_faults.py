@@ -1,6 +1,7 @@
 """The service cannot wedge: cancelled requests, scoring faults, non-finite scores, timeouts and
 connections that never finish their request. Real predictor, real uvicorn server on 127.0.0.1;
-faults are injected by wrapping the real predictor's ``predict``."""
+faults are injected by wrapping the real predictor's ``validate``, the first step of every scoring
+path (``Predictor.predict`` and the server's raw-request graph)."""
 
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ def one_pair(user: int, movie: int) -> pd.DataFrame:
 
 
 class Gate:
-    """Wraps ``predictor.predict`` so that calls block until ``open()``: requests pile up in the queue."""
+    """Wraps ``predictor.validate`` so that calls block until ``open()``: requests pile up in the queue."""
 
     def __init__(self, predictor):
-        self.real = predictor.predict
+        self.real = predictor.validate
         self.entered = threading.Event()
         self.released = threading.Event()
 
@@ -49,7 +50,8 @@ def test_cancelled_requests_are_skipped_and_later_ones_answered(predictor, monke
     from pipeline.serve import MicroBatcher
 
     gate = Gate(predictor)
-    monkeypatch.setattr(predictor, "predict", gate)
+    expected = predictor.predict(pd.DataFrame({"userId": [1, 3, 5, 7, 9], "movieId": [1] * 5}))
+    monkeypatch.setattr(predictor, "validate", gate)
     batcher = MicroBatcher(predictor).start()
     try:
         first = batcher.submit(one_pair(1, 1))
@@ -58,12 +60,11 @@ def test_cancelled_requests_are_skipped_and_later_ones_answered(predictor, monke
         assert all(f.cancel() for f in queued[::2])  # their callers gave up
         gate.open()
 
-        expected = gate.real(pd.DataFrame({"userId": [1, 3, 5, 7], "movieId": [1] * 4}))
         assert first.result(30)[0] == pytest.approx(expected[0], abs=1e-6)
-        for future, want in zip(queued[1::2], expected[1:]):
+        for future, want in zip(queued[1::2], expected[1:4]):
             assert future.result(30)[0] == pytest.approx(want, abs=1e-6)
         later = batcher.submit(one_pair(9, 1))
-        assert later.result(30)[0] == pytest.approx(gate.real(one_pair(9, 1))[0], abs=1e-6)
+        assert later.result(30)[0] == pytest.approx(expected[4], abs=1e-6)
         assert batcher.alive and batcher.cancelled == 3
     finally:
         gate.open()
@@ -76,7 +77,7 @@ def test_a_request_that_waits_too_long_gets_a_504_and_is_dropped(predictor, monk
     gate = Gate(predictor)
     with serve_in_background(predictor, request_timeout=0.5) as running, \
             httpx.Client(base_url=running.url, timeout=30) as http:
-        monkeypatch.setattr(predictor, "predict", gate)
+        monkeypatch.setattr(predictor, "validate", gate)
         blocked = threading.Thread(target=http.post, args=("/predict",), kwargs={"json": {"pairs": [{"userId": 1, "movieId": 1}]}})
         blocked.start()
         assert gate.entered.wait(30)
@@ -100,8 +101,9 @@ def test_a_request_that_waits_too_long_gets_a_504_and_is_dropped(predictor, monk
 def test_a_failing_model_call_fails_its_requests_and_the_service_recovers(predictor, monkeypatch):
     from pipeline.serve import serve_in_background
 
-    real = predictor.predict
+    real = predictor.validate
     failures = {"left": 3}
+    expected = predictor.predict(one_pair(4, 1))[0]
 
     def flaky(frame):
         if failures["left"] > 0:
@@ -110,14 +112,14 @@ def test_a_failing_model_call_fails_its_requests_and_the_service_recovers(predic
         return real(frame)
 
     with serve_in_background(predictor) as running, httpx.Client(base_url=running.url, timeout=30) as http:
-        monkeypatch.setattr(predictor, "predict", flaky)
+        monkeypatch.setattr(predictor, "validate", flaky)
         body = {"pairs": [{"userId": 4, "movieId": 1}]}
         for _ in range(3):
             response = http.post("/predict", json=body)
             assert response.status_code == 500 and "injected scoring fault" in response.json()["error"]
         response = http.post("/predict", json=body)
         assert response.status_code == 200
-        assert response.json()["scores"][0] == pytest.approx(real(one_pair(4, 1))[0], abs=1e-6)
+        assert response.json()["scores"][0] == pytest.approx(expected, abs=1e-6)
         assert http.get("/healthz").json() == {"status": "ok"}
 
 
@@ -134,7 +136,7 @@ def test_a_dead_scoring_thread_makes_the_service_unhealthy_not_hung(predictor, m
 
     with serve_in_background(predictor, request_timeout=5) as running, \
             httpx.Client(base_url=running.url, timeout=30) as http:
-        monkeypatch.setattr(predictor, "predict", fatal)
+        monkeypatch.setattr(predictor, "validate", fatal)
         body = {"pairs": [{"userId": 4, "movieId": 1}]}
         start = time.monotonic()
         response = http.post("/predict", json=body)  # its batch was in flight when the thread died
@@ -147,22 +149,22 @@ def test_a_dead_scoring_thread_makes_the_service_unhealthy_not_hung(predictor, m
         assert "movielens_batcher_alive 0.0" in http.get("/metrics").text
 
 
-def test_non_finite_scores_are_an_error_and_make_the_service_unhealthy(predictor, monkeypatch):
+def test_non_finite_scores_are_an_error_and_make_the_service_unhealthy(predictor):
+    """A model whose weights went NaN (as a diverged one's do): 500 for its answers, /healthz 503."""
     from pipeline.serve import serve_in_background
 
-    real = predictor.predict
-
-    def nan_for_user_13(frame):
-        scores = real(frame).copy()
-        scores[frame["userId"].to_numpy() == 13] = np.nan
-        return scores
-
+    bias = next(v for v in predictor.model.variables if predictor.target in v.path and v.path.endswith("bias"))
+    saved = bias.numpy()
     with serve_in_background(predictor) as running, httpx.Client(base_url=running.url, timeout=30) as http:
-        monkeypatch.setattr(predictor, "predict", nan_for_user_13)
-        assert http.post("/predict", json={"pairs": [{"userId": 12, "movieId": 1}]}).status_code == 200
-        response = http.post("/predict", json={"pairs": [{"userId": 12, "movieId": 1}, {"userId": 13, "movieId": 1}]})
+        body = {"pairs": [{"userId": 12, "movieId": 1}, {"userId": 13, "movieId": 1}]}
+        assert http.post("/predict", json=body).status_code == 200
+        bias.assign(np.full_like(saved, np.nan))
+        try:
+            response = http.post("/predict", json=body)
+        finally:
+            bias.assign(saved)
         assert response.status_code == 500
-        assert "non-finite" in response.json()["error"] and "pairs[1]" in response.json()["error"]
+        assert "non-finite" in response.json()["error"] and "pairs[0]" in response.json()["error"]
         health = http.get("/healthz")
         assert health.status_code == 503 and "non-finite" in health.json()["error"]
 
