@@ -19,13 +19,25 @@ the next chunk (and the final partial batch) are a random draw too, not a chunk'
 Epochs are counted by complete passes over the data, not by ``on_epoch_end``: Keras asks for the next
 epoch's first batch from its prefetch thread while it may still be calling ``on_epoch_end`` for the last
 one, so counting calls would make the shuffle depend on thread timing.
+
+Two ways to the same batches. When the split fits comfortably in memory (its size from the parquet
+footers against the memory available, see ``choose_mode``), the Loader reads it once, through merlin's
+own partition iterator, into host arrays (list columns padded, continuous columns float32) and replays
+merlin's chunking with numpy: the same part order, the same per-chunk ``DataFrame.sample`` draws
+(``RandomState(draw).choice(n, n, replace=False)``, which is what pandas computes), the same leftover
+carried to the next chunk and the same final partial batch. ``Model.fit`` / ``evaluate`` / ``predict``
+then feed it as a ``tf.data`` pipeline that gathers each batch's rows in graph mode
+(``Loader.tf_dataset``), with no per-batch Python. Larger-than-memory data, and data on a GPU
+(cudf), stream through merlin.dataloader. ``mode="memory" | "stream" | "auto"`` (or the environment
+variable ``PIPELINE_LOADER``) forces either; the choice is logged.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Iterable, Sequence
+import os
+from typing import Callable, Iterable, Sequence
 
 import keras
 import numpy as np
@@ -42,6 +54,12 @@ logger = logging.getLogger(__name__)
 PAD_ID = 0
 # Batches kept from the start of a pass: Keras' PyDataset adapter reads 2 to infer tensor specs.
 _HEAD = 2
+# How the Loader reads: "auto" (in memory when the split fits, else streamed), "memory" or "stream".
+MODES = ("auto", "memory", "stream")
+MODE_ENV = "PIPELINE_LOADER"  # overrides "auto"; an explicit mode= argument overrides it
+# "auto" holds a split in memory when its arrays, with room for the read, take at most this share of
+# the memory available now (MemAvailable): other processes and the model keep the rest.
+MEMORY_FRACTION = 0.25
 
 
 def list_columns(dataset: Dataset) -> set[str]:
@@ -86,6 +104,85 @@ def _list_lengths(series):
     return series.list.len() if hasattr(series, "list") else series.map(len)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations now (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def parquet_uncompressed_bytes(dataset: Dataset, columns: Iterable[str]) -> int | None:
+    """Uncompressed size of ``columns`` in the dataset's parquet files, from their footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    if "parquet" not in type(dataset.engine).__name__.lower():
+        return None
+    fs = getattr(dataset.engine, "fs", None)
+    wanted, total = set(columns), 0
+    try:
+        files = []
+        for path in getattr(dataset.engine, "paths", None) or []:
+            if fs is not None and fs.isdir(path):
+                files += sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+            else:
+                files.append(path)
+        if not files:
+            return None
+        for path in files:
+            if fs is not None:
+                with fs.open(path, "rb") as f:
+                    meta = pq.ParquetFile(f).metadata
+            else:
+                meta = pq.ParquetFile(path).metadata
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                for c in range(group.num_columns):
+                    chunk = group.column(c)
+                    if chunk.path_in_schema.split(".")[0] in wanted:
+                        total += chunk.total_uncompressed_size
+    except (OSError, TypeError, ValueError):
+        return None
+    return total
+
+
+def choose_mode(dataset: Dataset, mode: str | None, *, rows: int, row_bytes: int, columns: Iterable[str]) -> tuple[str, str]:
+    """``("memory" | "stream", why)`` for a Loader over ``dataset``.
+
+    ``mode`` (else ``$PIPELINE_LOADER``, else ``"auto"``): "memory" and "stream" are obeyed; "auto" streams
+    data that merlin reads on a GPU, and otherwise holds the split in memory when its host arrays
+    (``rows * row_bytes``), twice over while they are built, plus the parquet data uncompressed (the
+    read) take at most ``MEMORY_FRACTION`` of the memory available.
+    """
+    source = "mode="
+    if mode is None:
+        mode, source = os.environ.get(MODE_ENV) or "auto", f"${MODE_ENV}="
+    mode = mode.strip().lower()
+    if mode not in MODES:
+        raise DataError(f"loader mode must be one of {', '.join(MODES)}, got {source}{mode!r}")
+    if mode != "auto":
+        return mode, f"{source}{mode}"
+    if not getattr(dataset, "cpu", True):
+        return "stream", "the data is on the GPU (cudf): merlin.dataloader streams it"
+    parquet = parquet_uncompressed_bytes(dataset, columns)
+    if parquet is None:
+        return "stream", "not a parquet dataset: its size is unknown"
+    needed = 2 * rows * row_bytes + parquet
+    available = available_memory()
+    if available is None:
+        return "stream", "the available memory is unknown"
+    verdict = "memory" if needed <= MEMORY_FRACTION * available else "stream"
+    return verdict, (f"needs ~{needed / 2**20:,.0f} MiB, {MEMORY_FRACTION:.0%} of the {available / 2**20:,.0f} MiB "
+                     f"available is {MEMORY_FRACTION * available / 2**20:,.0f} MiB")
+
+
 class Loader(keras.utils.PyDataset):
     """Batches of a ``merlin.io.Dataset`` as ``(features, targets)`` for Keras 3.
 
@@ -101,6 +198,9 @@ class Loader(keras.utils.PyDataset):
         parts_per_chunk: partitions concatenated (and shuffled together) per chunk.
         first_epoch: the epoch number of the first pass (a resumed run continues the shuffles of
             an uninterrupted one).
+        mode: ``"memory"`` (read the split once into host arrays), ``"stream"`` (merlin.dataloader
+            reads parquet every pass) or ``"auto"``; default ``$PIPELINE_LOADER`` or ``"auto"``
+            (see ``choose_mode``). Both give the same batches.
 
     Each item is ``(features, targets)`` (or ``features``): features maps a column name to a
     ``(batch, 1)`` tensor, or ``(batch, max_len)`` for list columns.
@@ -119,12 +219,13 @@ class Loader(keras.utils.PyDataset):
         drop_last: bool = False,
         parts_per_chunk: int = 1,
         first_epoch: int = 0,
+        mode: str | None = None,
     ):
         super().__init__(workers=1, use_multiprocessing=False)
-        from merlin.dataloader.tensorflow import Loader as MerlinLoader
-
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
+        if parts_per_chunk < 1:
+            raise DataError(f"parts_per_chunk must be positive, got {parts_per_chunk}")
         schema = dataset.schema
         if schema is None or not len(schema):
             raise DataError("the dataset has no schema (schema.pbtxt next to the parquet files)")
@@ -142,6 +243,8 @@ class Loader(keras.utils.PyDataset):
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.parts_per_chunk = int(parts_per_chunk)
         self.feature_names = list(features)
         self.target_names = list(targets)
         self.schema: Schema = schema.select_by_name([*self.feature_names, *self.target_names])
@@ -162,6 +265,31 @@ class Loader(keras.utils.PyDataset):
         self.num_rows = int(dataset.num_rows)  # from parquet footers: no data read
         if self.num_rows == 0:
             raise DataError(f"the dataset is empty (0 rows in {_paths(dataset)})")
+        row_bytes = 4 * sum(self.list_widths.get(n, 1) for n in [*self.feature_names, *self.target_names])
+        self.mode, why = choose_mode(dataset, mode, rows=self.num_rows, row_bytes=row_bytes,
+                                     columns=loader_schema.column_names)
+        logger.info("loader over %s (%s rows): %s (%s)", _paths(dataset), f"{self.num_rows:,}",
+                    "in memory" if self.in_memory else "streamed by merlin.dataloader", why)
+        self._merlin = None
+        self._rng = None  # this pass's generator (streaming), set by _restart
+        self._order = None  # this pass's row order (in memory), set by _restart
+        if self.in_memory:
+            self._read_arrays(dataset)
+        else:
+            self._start_merlin(dataset)
+        self._next_index = self._pulled = 0  # next batch index asked for / batches read in this pass
+        self._head: list = []  # the first batches of this pass, kept for a replay
+        self._tensors = None  # the arrays as TF tensors, made by the first tf_dataset()
+        self._pass_epoch = None  # the epoch tf_dataset() iterators read (set by Model.fit every epoch)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.mode == "memory"
+
+    # ----------------------------------------------------------------- streaming (merlin.dataloader)
+    def _start_merlin(self, dataset: Dataset) -> None:
+        from merlin.dataloader.tensorflow import Loader as MerlinLoader
+
         # merlin shuffles with numpy's global generator, from its reader thread: any other draw from
         # that generator meanwhile (another loader, another library) changes the order. We keep its
         # reading, chunking and tensor building but shuffle with a generator of our own per pass.
@@ -169,12 +297,11 @@ class Loader(keras.utils.PyDataset):
             dataset,
             batch_size=self.batch_size,
             shuffle=False,
-            parts_per_chunk=parts_per_chunk,
-            drop_last=drop_last,
+            parts_per_chunk=self.parts_per_chunk,
+            drop_last=self.drop_last,
         )
         # Partition order as a host array (merlin keeps a cupy one on GPU; it only slices and lists it).
         self._partitions = np.asarray(self._merlin.indices.tolist())
-        self._rng = None  # this pass's generator, set by _restart
         self._num_batches = len(self._merlin)  # sizing builds merlin's ChunkQueue and its partition iterator
         # The ChunkQueue copied the partition order into its iterator just now and reads that copy on every
         # pass: assigning merlin's `indices` later (as its own shuffle does) never reaches it. _restart
@@ -185,7 +312,7 @@ class Loader(keras.utils.PyDataset):
                 "merlin.dataloader's ChunkQueue no longer reads a DataFrameIter with a list of partition indices; "
                 "pipeline.loader.Loader needs updating for this merlin-dataloader version"
             )
-        if shuffle:
+        if self.shuffle:
             split = self._queue.get_batch_div_chunk
 
             def shuffled_split(frame, batch_size):
@@ -194,9 +321,109 @@ class Loader(keras.utils.PyDataset):
                 return split(frame.sample(frac=1.0, random_state=int(self._rng.integers(2**32))), batch_size)
 
             self._queue.get_batch_div_chunk = shuffled_split
-        self._next_index = self._pulled = 0  # next batch index asked for / batches read in this pass
-        self._head: list = []  # the first batches of this pass, kept for a replay
 
+    # ----------------------------------------------------------------- in memory
+    def _read_arrays(self, dataset: Dataset) -> None:
+        """Read every partition once, through merlin's own partition iterator (so partitions are exactly
+        the ones the streaming path reads), into one host array per column."""
+        ddf = dataset.to_ddf()
+        npart = ddf.npartitions
+        self._partitions = np.arange(npart)
+        columns: dict[str, list] = {name: [] for name in [*self.feature_names, *self.target_names]}
+        lengths = []
+        for frame in dataset.to_iter(columns=dataset.schema.column_names, indices=list(range(npart))):
+            if hasattr(frame, "to_pandas"):  # cudf (mode="memory" forced on a GPU): the arrays live on the host
+                frame = frame.to_pandas()
+            lengths.append(len(frame))
+            for name in self.feature_names:
+                if name in self.list_widths:
+                    columns[name].append(_padded(frame[name], self.list_widths[name]))
+                else:
+                    values = frame[name].to_numpy()
+                    if values.dtype == np.float64:
+                        values = values.astype(np.float32)
+                    columns[name].append(values.reshape(-1, 1))
+            for name in self.target_names:
+                columns[name].append(frame[name].to_numpy().astype(np.float32).reshape(-1, 1))
+        self._arrays = {name: np.concatenate(parts) for name, parts in columns.items()}
+        self._part_bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        if int(self._part_bounds[-1]) != self.num_rows:
+            raise DataError(f"read {int(self._part_bounds[-1])} rows from {_paths(dataset)}, its footers say {self.num_rows}")
+        full, rest = divmod(self.num_rows, self.batch_size)
+        self._num_batches = full + (1 if rest and not self.drop_last else 0)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The row numbers (in partition order) of one pass, batch after batch: the order merlin's
+        ChunkQueue emits them in, with our per-pass shuffle."""
+        bs = self.batch_size
+        if not self.shuffle:
+            order = np.arange(self.num_rows, dtype=np.int64)
+            return order[: len(order) // bs * bs] if self.drop_last else order
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        parts = self._partitions[rng.permutation(len(self._partitions))]
+        bounds = self._part_bounds
+        out, spill = [], np.zeros(0, dtype=np.int64)
+        for start in range(0, len(parts), self.parts_per_chunk):
+            group = parts[start : start + self.parts_per_chunk]
+            rows = np.concatenate([spill, *(np.arange(bounds[p], bounds[p + 1], dtype=np.int64) for p in group)])
+            # pandas' DataFrame.sample(frac=1.0, random_state=draw) on the chunk
+            rows = rows[np.random.RandomState(int(rng.integers(2**32))).choice(len(rows), len(rows), replace=False)]
+            cut = len(rows) // bs * bs
+            out.append(rows[:cut])
+            spill = rows[cut:]
+        if not self.drop_last:
+            out.append(spill)
+        return np.concatenate(out)
+
+    def _gather_numpy(self, rows: np.ndarray):
+        return self._pack({name: tf.convert_to_tensor(array[rows]) for name, array in self._arrays.items()})
+
+    def _pack(self, columns: dict):
+        features = {name: columns[name] for name in self.feature_names}
+        if not self.target_names:
+            return features
+        if len(self.target_names) == 1:
+            return features, columns[self.target_names[0]]
+        return features, {name: columns[name] for name in self.target_names}
+
+    def tf_dataset(self, epoch: Callable[[], int] | None = None) -> "tf.data.Dataset":
+        """The in-memory batches as a ``tf.data.Dataset`` (one pass per iterator): the pass's row order
+        comes from numpy once per iterator, each batch's rows are gathered in graph mode.
+
+        ``epoch()`` gives the epoch an iterator reads when it starts (default: the epoch the next pass of
+        ``self[0]`` would read); ``Model.fit`` sets it from Keras' epoch number.
+        """
+        if not self.in_memory:
+            raise ValueError("tf_dataset() needs the in-memory loader (mode='memory')")
+        if self._tensors is None:
+            self._tensors = {name: tf.constant(array) for name, array in self._arrays.items()}
+        tensors, bs, num_batches = self._tensors, self.batch_size, self._num_batches
+        epoch = epoch or self.next_epoch
+
+        def orders():
+            yield self.epoch_order(epoch())
+
+        def batches(order):
+            return tf.data.Dataset.range(num_batches).map(lambda i: order[i * bs : (i + 1) * bs])
+
+        def gather(rows):
+            return self._pack({name: tf.gather(t, rows) for name, t in tensors.items()})
+
+        ds = tf.data.Dataset.from_generator(orders, output_signature=tf.TensorSpec([None], tf.int64))
+        ds = ds.flat_map(batches).map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.apply(tf.data.experimental.assert_cardinality(num_batches)).prefetch(tf.data.AUTOTUNE)
+
+    def next_epoch(self) -> int:
+        """The epoch a new pass reads: the next one after a complete pass, else the current one again."""
+        return self._epoch + 1 if self._pulled >= self._num_batches else self._epoch
+
+    def _passes_done(self, last_epoch: int) -> None:
+        """Record that ``last_epoch`` was read to the end outside ``__getitem__`` (by a tf_dataset)."""
+        self._epoch = int(last_epoch)
+        self._pulled = self._next_index = self._num_batches
+        self._head = []
+
+    # ----------------------------------------------------------------- PyDataset
     @property
     def num_batches(self) -> int:
         return self._num_batches
@@ -222,7 +449,10 @@ class Loader(keras.utils.PyDataset):
         if index < self._pulled:
             batch = self._head[index]
         else:
-            batch = self._format(self._merlin.__next__())
+            if self.in_memory:
+                batch = self._gather_numpy(self._order[index * self.batch_size : (index + 1) * self.batch_size])
+            else:
+                batch = self._format(self._merlin.__next__())
             self._pulled += 1
             if len(self._head) < _HEAD:
                 self._head.append(batch)
@@ -234,15 +464,18 @@ class Loader(keras.utils.PyDataset):
             yield self[index]
 
     def _restart(self) -> None:
-        self._merlin.stop()  # joins the reader thread: nothing else uses self._rng now
-        if self.shuffle:
-            # One generator per (seed, epoch): the partition order, then every chunk's shuffle in read order,
-            # so epoch k is the same whether the run started at epoch 0 or resumed at k (first_epoch).
-            self._rng = np.random.default_rng([self.seed, self._epoch])
-            order = self._rng.permutation(len(self._partitions))
-            self._merlin.indices = self._partitions[order]
-            self._queue.itr.indices = self._merlin._indices_for_process()  # what the reader thread iterates
-        self._merlin.__iter__()
+        if self.in_memory:
+            self._order = self.epoch_order(self._epoch)
+        else:
+            self._merlin.stop()  # joins the reader thread: nothing else uses self._rng now
+            if self.shuffle:
+                # One generator per (seed, epoch): the partition order, then every chunk's shuffle in read order,
+                # so epoch k is the same whether the run started at epoch 0 or resumed at k (first_epoch).
+                self._rng = np.random.default_rng([self.seed, self._epoch])
+                order = self._rng.permutation(len(self._partitions))
+                self._merlin.indices = self._partitions[order]
+                self._queue.itr.indices = self._merlin._indices_for_process()  # what the reader thread iterates
+            self._merlin.__iter__()
         self._next_index = self._pulled = 0
         self._head = []
 
@@ -268,8 +501,23 @@ class Loader(keras.utils.PyDataset):
         return features, {k: tf.reshape(tf.cast(labels[k], tf.float32), [-1, 1]) for k in self.target_names}
 
     def stop(self) -> None:
-        """Stop the background reader thread."""
-        self._merlin.stop()
+        """Stop the background reader thread (streaming; nothing to stop in memory)."""
+        if self._merlin is not None:
+            self._merlin.stop()
+
+
+def _padded(series, width: int) -> np.ndarray:
+    """A list column as a ``(rows, width)`` array padded with ``PAD_ID`` (longer lists cut at ``width``)."""
+    lengths = series.map(len).to_numpy().astype(np.int64) if len(series) else np.zeros(0, np.int64)
+    values = np.concatenate([np.asarray(v) for v in series]) if len(series) and lengths.sum() else np.zeros(0, np.int32)
+    dtype = values.dtype if values.size else np.dtype(np.int32)
+    out = np.full((len(series), width), PAD_ID, dtype=dtype)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(series) else np.zeros(0, np.int64)
+    row = np.repeat(np.arange(len(series)), lengths)
+    position = np.arange(len(values)) - np.repeat(starts, lengths)
+    keep = position < width
+    out[row[keep], position[keep]] = values[keep]
+    return out
 
 
 def _paths(dataset: Dataset) -> str:

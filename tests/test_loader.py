@@ -169,3 +169,103 @@ def test_a_missing_column_is_named_in_the_error(valid):
 
     with pytest.raises(DataError, match="no_such_column"):
         Loader(valid, 16, features=["userId", "no_such_column"])
+
+
+# ----------------------------------------------------------------- in memory vs streamed
+def batch_arrays(batch) -> dict:
+    """One batch as {name: (dtype, numpy array)} over features and targets."""
+    features, targets = batch if isinstance(batch, tuple) else (batch, {})
+    targets = targets if isinstance(targets, dict) else {"__target__": targets}
+    return {name: (t.dtype, np.asarray(t)) for name, t in {**features, **targets}.items()}
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        x, y = batch_arrays(x), batch_arrays(y)
+        assert x.keys() == y.keys(), i
+        for name in x:
+            assert x[name][0] == y[name][0], (i, name, x[name][0], y[name][0])
+            np.testing.assert_array_equal(x[name][1], y[name][1], err_msg=f"batch {i}, column {name}")
+
+
+@pytest.mark.parametrize("parts_per_chunk, drop_last", [(1, False), (2, False), (2, True)])
+def test_in_memory_and_streamed_give_the_same_batches_every_epoch(parts, parts_per_chunk, drop_last):
+    from pipeline.loader import Loader
+
+    kwargs = dict(shuffle=True, seed=11, targets=[], parts_per_chunk=parts_per_chunk, drop_last=drop_last)
+    stream = Loader(parts, 256, mode="stream", **kwargs)
+    memory = Loader(parts, 256, mode="memory", **kwargs)
+    assert (stream.mode, memory.mode) == ("stream", "memory") and len(stream) == len(memory)
+    for epoch in range(4):
+        streamed = [stream[i] for i in range(len(stream))]
+        in_memory = [memory[i] for i in range(len(memory))]
+        assert_same_batches(streamed, in_memory)
+        # the tf.data pipeline Model.fit reads gives that epoch's batches too
+        assert_same_batches(streamed, list(memory.tf_dataset(lambda: epoch)))
+        rows = [row for batch in in_memory for row in batch["row"].numpy()[:, 0]]
+        if not drop_last:
+            assert sorted(rows) == list(range(sum(PART_ROWS)))  # every row once
+    # resume-safe: a loader starting at epoch 3 reads epoch 3
+    resumed = Loader(parts, 256, mode="memory", first_epoch=3, **kwargs)
+    assert_same_batches([resumed[i] for i in range(len(resumed))], streamed)
+
+
+def test_in_memory_matches_streamed_on_the_etl_output_with_lists_and_two_targets(etl_dir):
+    from merlin.io import Dataset
+
+    from pipeline.loader import Loader
+
+    train = Dataset(str(etl_dir / "train"), engine="parquet")
+    stream = Loader(train, 768, shuffle=True, seed=2, mode="stream")
+    memory = Loader(train, 768, shuffle=True, seed=2, mode="memory")
+    assert train.num_rows % 768 and "genres" in memory.list_widths
+    for _ in range(2):
+        assert_same_batches([stream[i] for i in range(len(stream))], [memory[i] for i in range(len(memory))])
+    unshuffled = [Loader(train, 999, mode=m, targets=["rating_binary"]) for m in ("stream", "memory")]
+    assert_same_batches(*[[lo[i] for i in range(len(lo))] for lo in unshuffled])
+    assert_same_batches([unshuffled[0][i] for i in range(len(unshuffled[0]))], list(unshuffled[1].tf_dataset()))
+
+
+def test_the_mode_comes_from_the_argument_else_the_environment_else_the_size(parts, monkeypatch):
+    from pipeline import loader as loader_module
+    from pipeline.loader import Loader
+
+    monkeypatch.setenv("PIPELINE_LOADER", "stream")
+    assert Loader(parts, 256, targets=[]).mode == "stream"
+    assert Loader(parts, 256, targets=[], mode="memory").mode == "memory"
+    monkeypatch.setenv("PIPELINE_LOADER", "memory")
+    assert Loader(parts, 256, targets=[]).mode == "memory"
+    monkeypatch.delenv("PIPELINE_LOADER")
+    assert Loader(parts, 256, targets=[]).mode == "memory"  # 5,503 small rows fit
+    monkeypatch.setattr(loader_module, "available_memory", lambda: 100_000)  # 25 kB allowed: too small
+    assert Loader(parts, 256, targets=[]).mode == "stream"
+    monkeypatch.setenv("PIPELINE_LOADER", "fast")
+    with pytest.raises(DataError, match="PIPELINE_LOADER"):
+        Loader(parts, 256, targets=[])
+
+
+def test_a_model_trains_to_the_same_weights_in_memory_and_streamed(etl_dir):
+    """Model.fit feeds an in-memory Loader as tf.data; the batches, and so the weights, are the streamed ones."""
+    import keras
+    from merlin.io import Dataset
+
+    import pipeline.models as mm
+
+    train = Dataset(str(etl_dir / "train"), engine="parquet")
+    valid = Dataset(str(etl_dir / "valid"), engine="parquet")
+    results = {}
+    for mode in ("stream", "memory"):
+        keras.utils.set_random_seed(0)
+        model = mm.DLRMModel(train.schema, 8, prediction_tasks=mm.BinaryOutput("rating_binary"))
+        model.compile("adam")
+        loader = model.make_loader(train, 2048, shuffle=True, seed=4, mode=mode, first_epoch=1)
+        history = model.fit(loader, epochs=3, initial_epoch=1, verbose=0,
+                            validation_data=model.make_loader(valid, 4096, mode=mode))
+        assert loader.next_epoch() == 3  # epochs 1 and 2 were read; the next pass is epoch 3
+        scores = model.predict(model.make_loader(valid, 4096, include_targets=False, mode=mode), verbose=0)
+        results[mode] = (history.history, [w.numpy() for w in model.weights], scores)
+    assert results["stream"][0] == results["memory"][0]
+    for a, b in zip(results["stream"][1], results["memory"][1]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(results["stream"][2], results["memory"][2])

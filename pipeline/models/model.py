@@ -191,25 +191,33 @@ class Model(keras.Model):
         )
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, *, shuffle=True, seed: int = 0,
-            validation_data=None, validation_batch_size=None, **kwargs):
+            validation_data=None, validation_batch_size=None, callbacks=None, initial_epoch=0, **kwargs):
         """Keras ``fit``; ``x`` may be a ``merlin.io.Dataset`` (streamed in ``batch_size`` batches,
-        reshuffled every epoch from ``seed``) and so may ``validation_data``."""
+        reshuffled every epoch from ``seed``) and so may ``validation_data``. An in-memory ``Loader``
+        (``loader.in_memory``) is fed as its ``tf_dataset``: the same batches, epoch for epoch."""
         if isinstance(x, Dataset):
             x = self.make_loader(x, batch_size, shuffle=shuffle, seed=seed)
         if isinstance(validation_data, Dataset):
             validation_data = self.make_loader(validation_data, validation_batch_size or batch_size or 1024)
-        if isinstance(x, keras.utils.PyDataset):
+        callbacks = list(callbacks or [])
+        if isinstance(x, Loader) and x.in_memory:
+            pass_epochs = _LoaderEpochs(x, initial_epoch)
+            x = x.tf_dataset(pass_epochs.epoch)
+            callbacks.insert(0, pass_epochs)  # first: it sets the epoch before the epoch's iterator starts
+        validation_data = _as_keras_input(validation_data)
+        if isinstance(x, (keras.utils.PyDataset, _tf_dataset_type())):
             # The loader shuffles itself (Keras would shuffle batch indices, which a streaming loader
             # cannot serve) and fixes the batch size.
             batch_size, shuffle = None, False
         return super().fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=shuffle,
-                           validation_data=validation_data, **kwargs)
+                           validation_data=validation_data, callbacks=callbacks, initial_epoch=initial_epoch, **kwargs)
 
     def evaluate(self, x=None, y=None, batch_size=None, **kwargs):
         """Keras ``evaluate``; ``x`` may be a ``merlin.io.Dataset``."""
         if isinstance(x, Dataset):
             x = self.make_loader(x, batch_size)
-        if isinstance(x, keras.utils.PyDataset):
+        x = _as_keras_input(x)
+        if isinstance(x, (keras.utils.PyDataset, _tf_dataset_type())):
             batch_size = None
         return super().evaluate(x, y, batch_size=batch_size, **kwargs)
 
@@ -218,9 +226,46 @@ class Model(keras.Model):
         in dataset order."""
         if isinstance(x, Dataset):
             x = self.make_loader(x, batch_size, include_targets=False)
-        if isinstance(x, keras.utils.PyDataset):
+        x = _as_keras_input(x)
+        if isinstance(x, (keras.utils.PyDataset, _tf_dataset_type())):
             batch_size = None
         return super().predict(x, batch_size=batch_size, **kwargs)
+
+
+def _tf_dataset_type():
+    import tensorflow as tf
+
+    return tf.data.Dataset
+
+
+def _as_keras_input(x):
+    """An in-memory ``Loader`` as its ``tf.data`` pipeline (each iterator reads the loader's next pass);
+    anything else unchanged."""
+    if isinstance(x, Loader) and x.in_memory:
+        return x.tf_dataset()
+    return x
+
+
+class _LoaderEpochs(keras.callbacks.Callback):
+    """Keeps an in-memory Loader's epoch count while Keras reads its ``tf_dataset``: Keras starts a new
+    iterator for every epoch (after ``on_epoch_begin``), and the iterator reads the epoch set here, so
+    the shuffles follow the epochs as with ``loader[i]`` (and a run resumed at ``initial_epoch`` with
+    ``first_epoch=initial_epoch`` reads what the uninterrupted run read)."""
+
+    def __init__(self, loader: Loader, initial_epoch: int):
+        super().__init__()
+        self.loader = loader
+        self.base = loader.next_epoch() - int(initial_epoch)
+        self.current = loader.next_epoch()  # also what Keras' model-building peek at the first batch reads
+
+    def epoch(self) -> int:
+        return self.current
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = self.base + int(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.loader._passes_done(self.base + int(epoch))
 
 
 def _with_targets(schema: Schema, targets: list[str]) -> Schema:
@@ -235,7 +280,8 @@ def _with_targets(schema: Schema, targets: list[str]) -> Schema:
 def sample_batch(dataset: Dataset, batch_size: int, shuffle: bool = False, include_targets: bool = True, seed: int = 0):
     """The first batch of ``dataset``: ``(features, targets)`` (or ``features`` without targets),
     features as ``{name: (batch_size, 1)}`` / ``(batch_size, max_len)`` for list columns."""
-    loader = Loader(dataset, batch_size, shuffle=shuffle, seed=seed, include_targets=include_targets)
+    # one batch: streaming reads one chunk, where the in-memory path would read the whole split first
+    loader = Loader(dataset, batch_size, shuffle=shuffle, seed=seed, include_targets=include_targets, mode="stream")
     try:
         return loader[0]
     finally:
