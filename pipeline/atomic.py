@@ -74,7 +74,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         replace_dir(tmp, path)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.filename is None:  # e.g. pyarrow's "File too large": say what was being written
+        if err.filename is None and err.errno is not None:  # e.g. pyarrow's "File too large": say what was written
             raise OSError(err.errno, f"{err.strerror or err} (while building it; nothing was replaced)",
                           str(path)) from err
         raise

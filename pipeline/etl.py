@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import DataError, UsageError
+from pipeline.errors import DataError, DeviceError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,8 @@ def run_etl(
 
         n_parts = _partitions(train, n_part_bytes)
         cpu = device == "cpu"
-        with atomic_dir(out) as tmp, dask_cluster(device, workers=workers, scheduler=dask_scheduler):
+        with _cluster_failures(out, dask_scheduler or (workers and "the local cluster")), atomic_dir(out) as tmp, \
+                dask_cluster(device, workers=workers, scheduler=dask_scheduler):
             fit_dir = tmp / ".fit"
             workflow = movielens_workflow(variant, movielens.movies, movielens.users, out_path=fit_dir, seed=seed)
             train_set = merlin.io.Dataset(train, npartitions=n_parts, cpu=cpu)
@@ -267,6 +268,25 @@ def run_etl(
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _cluster_failures(out: Path, cluster: str | None):
+    """A Dask cluster that lost a worker or its connection mid-run: one ``DeviceError`` naming it (the
+    temporary output is already gone and ``out`` is as it was), not distributed's internals."""
+    if not cluster:
+        yield
+        return
+    from distributed import KilledWorker
+    from distributed.comm.core import CommClosedError
+
+    try:
+        yield
+    except (KilledWorker, CommClosedError) as err:
+        raise DeviceError(
+            f"the Dask cluster ({cluster}) lost a worker or its connection during the ETL "
+            f"({type(err).__name__}: {str(err)[:200]}); {out} was left as it was: re-run when the cluster is healthy"
+        ) from err
 
 
 def _progress():
