@@ -12,7 +12,12 @@ Measured:
 - p50 / p99 client-side latency of a one-pair ``POST /predict`` and of ``GET /recommend?k=10`` (every
   movie scored) against ``python -m pipeline serve`` running in its own process on 127.0.0.1, with
   and without the feature cache;
-- 20 concurrent clients x 100 one-pair requests (throughput, p99, micro-batches);
+- 20 concurrent clients x 100 one-pair requests with httpx threads (the method of the earlier figure);
+- the same throughput with ``pipeline.serve.mixed_load``'s asyncio client (valid pairs only), with the
+  server's own CPU time per request (from /proc), and with ``wrk`` when it is installed;
+- the mixed load (valid, invalid, oversize, disconnecting and silent clients at once, 20 clients):
+  throughput, p50 / p99 of the valid requests, lost / mixed-up answers, health after;
+- the raw-request SavedModel (``python -m pipeline export``): one pair in-process, p50 / p99;
 - ``python -m pipeline predict`` throughput (rows/s) on a parquet of random pairs.
 
 Results: benchmarks/results/serve.json and serve.md (with the command and the machine).
@@ -101,7 +106,7 @@ def transform_comparison(cached, pairs: pd.DataFrame, user_rows: pd.DataFrame, r
 
 @contextlib.contextmanager
 def server_process(data: Path, model: Path, *extra: str):
-    """``python -m pipeline serve`` in its own process (as a user runs it); yields its base URL."""
+    """``python -m pipeline serve`` in its own process (as a user runs it); yields ``(url, pid)``."""
     import httpx
 
     from pipeline.serve import free_port
@@ -122,10 +127,106 @@ def server_process(data: Path, model: Path, *extra: str):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not start: {' '.join(command)}")
             time.sleep(0.5)
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (all its threads)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def async_throughput(url: str, pid: int, pairs: pd.DataFrame, clients: int = 20, per_client: int = 150) -> dict:
+    """Valid one-pair requests only, through mixed_load's cheap asyncio client; server CPU per request."""
+    from pipeline.serve import mixed_load
+
+    mixed_load(url, pairs.iloc[:50], clients=clients, requests_per_client=20, mix={"valid": 1.0},
+               silent_clients=0, max_pairs=1)  # warm-up (and the reference pass of its own)
+    before = cpu_seconds(pid)
+    report = mixed_load(url, pairs, clients=clients, requests_per_client=per_client, mix={"valid": 1.0},
+                        silent_clients=0, max_pairs=1)
+    spent = cpu_seconds(pid) - before
+    summary = report.summary()
+    answered = sum(report.outcomes["valid"].values())
+    reference_requests = len(pairs)  # the reference pass also ran on the server, one request per pair
+    return {"clients": clients, "requests": answered, "requests_per_second": summary["valid_per_second"],
+            "p50_ms": summary["valid_p50_ms"], "p99_ms": summary["valid_p99_ms"], "lost": summary["lost"],
+            "wrong": summary["wrong"],
+            "server_cpu_ms_per_request": round(1e3 * spent / (answered + reference_requests), 3)}
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local bodies = {%s}
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format(nil, "/predict", nil, bodies[(i %% #bodies) + 1])
+end
+"""
+
+
+def wrk_throughput(url: str, pairs: pd.DataFrame, clients: int = 20, seconds: int = 10) -> dict | None:
+    """``wrk`` (a C load generator, one thread) with ``clients`` connections of one-pair requests, if installed."""
+    import re
+    import shutil
+
+    if shutil.which("wrk") is None:
+        return None
+    bodies = ", ".join("'" + json.dumps({"pairs": [{"userId": int(r.userId), "movieId": int(r.movieId)}]}) + "'"
+                       for r in pairs.iloc[:200].itertuples())
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT % bodies)
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency", "-s", script.name, url],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    os.unlink(script.name)
+
+    def ms(label):
+        m = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return None
+        return round(float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)], 3)
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"clients": clients, "seconds": seconds, "requests_per_second": float(rps.group(1)) if rps else None,
+            "p50_ms": ms("50%"), "p99_ms": ms("99%"), "non_2xx": int(errors.group(1)) if errors else 0,
+            "output": out}
+
+
+def mixed(url: str, pairs: pd.DataFrame, clients: int = 20, per_client: int = 150) -> dict:
+    """The mixed load of the issue: valid, invalid, oversize, disconnecting and silent clients at once."""
+    from pipeline.serve import mixed_load
+
+    report = mixed_load(url, pairs.iloc[:300], clients=clients, requests_per_client=per_client, silent_clients=10)
+    return report.summary()
+
+
+def raw_export_latency(predictor, workdir: Path, repeats: int) -> dict:
+    """The raw-request SavedModel, loaded back with tf.saved_model.load: one pair, in-process."""
+    import tensorflow as tf
+
+    from pipeline.export import export_raw_model
+
+    info = export_raw_model(predictor, workdir / "serving_raw")
+    model = tf.saved_model.load(str(workdir / "serving_raw"))
+    signature = model.signatures["serving_default"]
+    users, movies = predictor.cache.keys["userId"], predictor.cache.keys["movieId"]
+    rng = np.random.default_rng(0)
+    ids = [(tf.constant([int(u)], tf.int64), tf.constant([int(m)], tf.int64))
+           for u, m in zip(rng.choice(users, 64), rng.choice(movies, 64))]
+
+    def one_pair(i=[0]):  # noqa: B006  (a counter)
+        u, m = ids[i[0] % len(ids)]
+        i[0] += 1
+        signature(userId=u, movieId=m)["score"].numpy()
+
+    return {"export_seconds": info["seconds"], "max_abs_difference_to_predictor": info["max_abs_difference_to_predictor"],
+            "one_pair_serving_default": timed(one_pair, repeats, warmup=50)}
 
 
 def http_latency(url: str, pairs: pd.DataFrame, users: np.ndarray, n_predict: int, n_recommend: int) -> dict:
@@ -152,7 +253,7 @@ def http_latency(url: str, pairs: pd.DataFrame, users: np.ndarray, n_predict: in
 def http_concurrent(url: str, pairs: pd.DataFrame, clients: int = 20, per_client: int = 100) -> dict:
     import httpx
 
-    before = httpx.get(url + "/metadata").json()["server"]
+    before = httpx.get(url + "/metadata").json()["server"]  # url: the server's base URL
     latencies: list[float] = []
     lock = threading.Lock()
 
@@ -179,6 +280,12 @@ def http_concurrent(url: str, pairs: pd.DataFrame, clients: int = 20, per_client
     return {"clients": clients, "requests_per_client": per_client, "seconds": round(wall, 3),
             "requests_per_second": round(clients * per_client / wall, 1), **percentiles(latencies),
             "model_calls": after["batches"] - before["batches"], "requests_batched": after["requests"] - before["requests"]}
+
+
+def httpx_status(url: str) -> int:
+    import httpx
+
+    return httpx.get(url, timeout=30).status_code
 
 
 def batch_predict(predictor, users: np.ndarray, rows: int, workdir: Path, rng) -> dict:
@@ -231,15 +338,24 @@ def main() -> int:
     results = {"transform": transform_comparison(cached, pairs, user_rows, args.requests)}
     # The servers run in their own process (the CLI), as in production: the client's threads do not
     # share the server's interpreter lock.
-    with server_process(args.data, args.model) as url:
+    with server_process(args.data, args.model) as (url, pid):
         results["http_feature_cache"] = http_latency(url, pairs, users, args.requests, max(50, args.requests // 2))
         results["http_concurrent_20x100_feature_cache"] = http_concurrent(url, pairs)
-    with server_process(args.data, args.model, "--no-feature-cache") as url:
+        results["http_async_client_20_clients"] = async_throughput(url, pid, pairs.iloc[:300])
+        results["http_async_client_1_client"] = async_throughput(url, pid, pairs.iloc[:300], clients=1, per_client=1000)
+        results["wrk_20_connections"] = wrk_throughput(url, pairs)
+        results["mixed_load_20_clients"] = mixed(url, pairs)
+        results["healthy_after_all_loads"] = httpx_status(url + "/healthz") == 200
+    with server_process(args.data, args.model, "--no-raw-graph") as (url, pid):
+        results["http_predictor_predict"] = http_latency(url, pairs, users, args.requests, 20)
+        results["http_async_client_20_clients_predictor_predict"] = async_throughput(url, pid, pairs.iloc[:300])
+    with server_process(args.data, args.model, "--no-feature-cache") as (url, pid):
         results["http_serving_graph"] = http_latency(url, pairs, users, max(50, args.requests // 5), 50)
     with tempfile.TemporaryDirectory() as tmp:
+        results["raw_export"] = raw_export_latency(cached, Path(tmp), max(1000, args.requests * 2))
         results["batch_predict_feature_cache"] = batch_predict(cached, users, args.batch_rows, Path(tmp), rng)
         results["batch_predict_serving_graph"] = batch_predict(graph, users, args.batch_rows, Path(tmp), rng)
-    info["load_average_at_end"] = os.getloadavg()
+    info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report = {**info, "results": results}
 
     write_results(args.out / "serve", report, render(report))
@@ -285,8 +401,45 @@ def render(report: dict) -> str:
         row("POST /predict one pair (serving graph per request)", hg["predict_one_pair"]),
         row("GET /recommend k=10 (serving graph per request)", hg["recommend_k10_all_movies"]),
         "",
-        f"20 clients x 100 one-pair requests at once: {cc['requests_per_second']} requests/s, p50 {cc['p50_ms']:.2f} ms, "
-        f"p99 {cc['p99_ms']:.2f} ms, {cc['requests_batched']} requests in {cc['model_calls']} model calls.",
+        row("POST /predict one pair (scored by Predictor.predict, --no-raw-graph)", r["http_predictor_predict"]["predict_one_pair"]),
+        "",
+        "## Throughput, one-pair POST /predict (target with 20 clients: >= 2 x 410 = 820 requests/s)",
+        "",
+        "| client | requests/s | p50 ms | p99 ms | server CPU ms / request |",
+        "|---|---|---|---|---|",
+        f"| httpx, 20 threads x 100 (the earlier figure's method) | {cc['requests_per_second']} | {cc['p50_ms']:.2f} | "
+        f"{cc['p99_ms']:.2f} | - |",
+        *[f"| {label} | {a['requests_per_second']} | {a['p50_ms']:.2f} | {a['p99_ms']:.2f} | "
+          f"{a['server_cpu_ms_per_request']} |"
+          for label, a in (("asyncio client (mixed_load), 1 client", r["http_async_client_1_client"]),
+                           ("asyncio client (mixed_load), 20 clients", r["http_async_client_20_clients"]),
+                           ("asyncio client, 20 clients, server scoring with Predictor.predict",
+                            r["http_async_client_20_clients_predictor_predict"]))],
+        (f"| wrk, 1 thread, 20 connections, {r['wrk_20_connections']['seconds']} s | "
+         f"{r['wrk_20_connections']['requests_per_second']} | {r['wrk_20_connections']['p50_ms']} | "
+         f"{r['wrk_20_connections']['p99_ms']} | - |" if r.get("wrk_20_connections") else "| wrk | not installed | | | |"),
+        "",
+        f"httpx threads: {cc['requests_batched']} requests in {cc['model_calls']} model calls.",
+        "",
+        "## Mixed load (20 clients: valid pairs, invalid bodies, oversize bodies, disconnects; 10 silent connections)",
+        "",
+        f"- sent: {r['mixed_load_20_clients']['sent']}",
+        f"- outcomes: {r['mixed_load_20_clients']['outcomes']}",
+        f"- answered {r['mixed_load_20_clients']['answered_per_second']} requests/s; valid requests p50 "
+        f"{r['mixed_load_20_clients']['valid_p50_ms']} ms, p99 {r['mixed_load_20_clients']['valid_p99_ms']} ms",
+        f"- lost: {r['mixed_load_20_clients']['lost']}, mixed up: {r['mixed_load_20_clients']['wrong']} (largest "
+        f"difference to the single-request score: {r['mixed_load_20_clients']['max_ulps_from_single_request']} float32 ulps); "
+        f"silent connections closed by the server after {r['mixed_load_20_clients']['silent_connections_closed_by_server_after_s']} s; "
+        f"healthy after: {r['mixed_load_20_clients']['healthy_after']} (and after every load: {r['healthy_after_all_loads']})",
+        "",
+        "## Raw-request SavedModel (`python -m pipeline export`), one pair in-process (target p99 < 2 ms)",
+        "",
+        "| call | p50 | p99 | n |",
+        "|---|---|---|---|",
+        row("tf.saved_model.load(...).signatures['serving_default']", r["raw_export"]["one_pair_serving_default"]),
+        "",
+        f"Export took {r['raw_export']['export_seconds']} s; largest difference to Predictor.predict on its check pairs: "
+        f"{r['raw_export']['max_abs_difference_to_predictor']}.",
         "",
         "## Batch predict (`predict_file`, parquet in and out, batches of 65,536)",
         "",
