@@ -376,7 +376,8 @@ def render(report: dict) -> str:
         "",
         f"Command: `{report['command']}`  ",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, {report['machine']['memory_gb']} GB, "
-        f"no GPU; load average at start {tuple(round(x, 2) for x in report['machine']['load_average'])}  ",
+        f"no GPU; load average at start {tuple(round(x, 2) for x in report['machine']['load_average'])}, "
+        f"at end {tuple(report.get('load_average_at_end') or ())} (2 cores: above 2, other jobs shared the machine)  ",
         f"Data: {report['data']} ({report['dataset_rows']}), {report['users']} users, {report['movies']} movies  ",
         f"Predictor load: {report['load_seconds_with_cache']} s with the feature cache, "
         f"{report['load_seconds_graph_only']} s without (the first includes importing TensorFlow)",
@@ -400,7 +401,6 @@ def render(report: dict) -> str:
         row("GET /recommend k=10 over all movies (feature cache)", hc["recommend_k10_all_movies"]),
         row("POST /predict one pair (serving graph per request)", hg["predict_one_pair"]),
         row("GET /recommend k=10 (serving graph per request)", hg["recommend_k10_all_movies"]),
-        "",
         row("POST /predict one pair (scored by Predictor.predict, --no-raw-graph)", r["http_predictor_predict"]["predict_one_pair"]),
         "",
         "## Throughput, one-pair POST /predict (target with 20 clients: >= 2 x 410 = 820 requests/s)",

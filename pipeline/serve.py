@@ -53,7 +53,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -93,9 +93,8 @@ class NonFiniteScores(Exception):
 
 @dataclass
 class _Job:
-    frame: pd.DataFrame
+    frame: "pd.DataFrame | dict[str, np.ndarray]"
     future: concurrent.futures.Future
-    queued: float = field(default_factory=time.perf_counter)
 
 
 def _settle(future: concurrent.futures.Future, *, result: Any = None, error: BaseException | None = None) -> None:
