@@ -407,7 +407,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_xticks(range(len(names)), [r["datasets"][n]["label"] for n in names], fontsize=8)
     ax.set_ylabel("valid AUC (rating > 3)")
     ax.set_title("Default train vs baselines in the same run\n(our DLRM: seed mean, min-max bar, dots = seeds)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
