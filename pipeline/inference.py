@@ -166,6 +166,12 @@ class FeatureCache:
         if free:
             logger.warning("no feature cache: %s depend on more than one request column", free)
             return None
+        for key, table in tables.items():
+            for name, values in table.items():
+                if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+                    # the model may turn a NaN input into a finite score: catch it where it is made
+                    raise ArtifactError(f"the workflow computes non-finite {name!r} for some known {key} values: "
+                                        "re-run the ETL (its statistics are broken)")
         cache = cls(keys, tables)
         sample = pd.DataFrame({k: rng.choice(keys[k], size=checks) for k in columns})
         expected = predictor._arrays(predictor.transform(sample), wanted)
@@ -396,12 +402,17 @@ class Predictor:
         """Top ``k`` ``(movieId, score)`` for ``user_id`` over every known movie, scored in one batch.
 
         ``exclude_rated`` drops the movies the user rated in the training split. Ties are broken
-        by movieId, so the answer is deterministic.
+        by movieId, so the answer is deterministic. ``ArtifactError`` if the model gives any movie a
+        non-finite score (a broken model must not answer with a shorter list).
         """
         items = self.candidate_items
         frame = pd.DataFrame({"userId": np.full(len(items), user_id, dtype=REQUEST_DTYPE), "movieId": items})
         arrays = self.features(frame)
         scores = self.score_inputs(arrays)
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if len(bad):
+            raise ArtifactError(f"the model in {self.model_dir} gave non-finite scores to {len(bad)} of {len(items)} "
+                                f"movies for user {user_id} (first: movieId {int(items[bad[0]])})")
         if exclude_rated:
             rated = self.rated_codes(int(np.ravel(arrays["userId"])[0]))
             if len(rated):

@@ -163,6 +163,19 @@ def test_recommend_breaks_ties_by_movie_id_over_the_whole_catalog(predictor, raw
         assert predictor.recommend(user, k=k) == [(m, pytest.approx(s)) for m, s in expected[:k]]
 
 
+def test_recommend_refuses_to_answer_with_non_finite_scores(predictor, raw_valid, monkeypatch):
+    real_scores = predictor.score_inputs
+
+    def one_nan(arrays):
+        scores = real_scores(arrays).copy()
+        scores[3] = np.nan  # one movie: without the check, the top k silently shrinks or skips it
+        return scores
+
+    monkeypatch.setattr(predictor, "score_inputs", one_nan)
+    with pytest.raises(ArtifactError, match=r"non-finite scores to 1 of \d+ movies"):
+        predictor.recommend(int(raw_valid["userId"].iloc[0]), k=10)
+
+
 def _rated_in_train(etl_dir, predictor, user) -> list[int]:
     """Raw movieIds the user rated in the processed train split, decoded through the workflow."""
     train = pd.concat(pd.read_parquet(f, columns=["userId", "movieId"]) for f in sorted((etl_dir / "train").glob("*.parquet")))
