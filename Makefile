@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= data/synthetic
 SEED   ?= 0
-EPOCHS ?= 3
+EPOCHS ?=
 
 .PHONY: setup run test lock clean
 
@@ -23,7 +23,7 @@ setup: $(STAMP)
 # DLRM, then score example requests (incl. an unseen user and movie) through the saved workflow.
 run: setup
 	$(BIN)/python -m pipeline etl --dataset synthetic --out $(DATA)/etl --seed $(SEED)
-	$(BIN)/python -m pipeline train --data $(DATA)/etl --out $(DATA)/models/dlrm --epochs $(EPOCHS) --seed $(SEED)
+	$(BIN)/python -m pipeline train --data $(DATA)/etl --out $(DATA)/models/dlrm --seed $(SEED) $(if $(EPOCHS),--epochs $(EPOCHS))
 	$(BIN)/python -m pipeline predict --data $(DATA)/etl --model $(DATA)/models/dlrm \
 		--input examples/requests.csv --output $(DATA)/predictions.parquet
 

@@ -35,7 +35,7 @@ def etl_dir(synthetic_raw, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir(etl_dir, tmp_path_factory) -> Path:
-    """A DLRM trained with the train stage's defaults (3 epochs) on ``etl_dir``: the saved Keras model,
+    """A DLRM trained with the train stage's defaults (early stopping on held-out train rows) on ``etl_dir``: the saved Keras model,
     metrics.json, schema, config."""
     from pipeline.train import train_model
 
