@@ -25,6 +25,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -616,10 +618,12 @@ def train_model(
         loaders.append(select_loader)
         valid_loader = net.make_loader(valid_ds, batch_size)
         loaders.append(valid_loader)
-    except BaseException:
+    except BaseException as err:
         for loader in loaders:
             if loader is not None:
                 loader.stop()
+        if isinstance(err, OSError):  # e.g. the selection split's parquet on a full disk
+            _drop_partial_if_out_of_space(err, work)
         _drop_partial_without_checkpoint(work)
         raise
     decay = scaled_weight_decay(weight_decay, len(train_loader))
@@ -742,10 +746,14 @@ def _drop_partial_without_checkpoint(work: Path) -> None:
 def _drop_partial_if_out_of_space(err: OSError, work: Path) -> None:
     """On a full disk, remove the partial run (its checkpoints are what filled it) and raise an
     ``OSError`` that names it; other errors return to be re-raised as they are."""
-    if err.errno not in OUT_OF_SPACE:
+    code = err.errno
+    if code is None:  # pyarrow's OSError carries the code only in its text: "... [errno 27] File too large"
+        found = re.search(r"\[errno (\d+)\]", str(err))
+        code = int(found.group(1)) if found else None
+    if code not in OUT_OF_SPACE:
         return
     shutil.rmtree(work, ignore_errors=True)
-    raise OSError(err.errno, f"{err.strerror or err} while writing the model (the partial run was removed; "
+    raise OSError(code, f"{os.strerror(code)} while writing the model (the partial run was removed; "
                   "the previous model, if any, is unchanged)", str(work)) from err
 
 
