@@ -10,6 +10,12 @@ each shift the user's taste for every genre). The star rating is y cut at thresh
 matches ML-1M's. Which movies a user rates is independent of the rating: Zipf-like (log-normal) movie
 popularity, heavy-tailed user activity with at least 20 ratings per user, each (user, movie) pair once.
 
+The ml-1m files are streamed: only 20 bytes per rating are held (movie index, score, latent) while
+ratings.dat and the oracle are written in chunks of whole users, and each user's picks compute only
+the Gumbel keys that can reach its top k (see ``_GumbelTopK``), so ML-25M's size (162,541 users,
+59,047 movies, 25,000,095 ratings) takes minutes and ~1.5 GB, with the same bytes as drawing
+everything at once (the default size is byte-for-byte what the all-in-memory generator wrote).
+
 Beside the raw files the generator writes ``oracle.parquet`` (userId, movieId, p_positive = the true
 P(rating > 3) = Phi(s_ui - t_3)) and ``synthetic.json`` (generator version, format, sizes, seed, oracle AUC).
 """
@@ -157,14 +163,14 @@ def generate_synthetic(
         params["n_ratings"],
         seed,
     )
-    sample = sample_movielens(params)
-    oracle_auc = roc_auc(sample.ratings["rating"].to_numpy() > 3, sample.ratings["p_positive"].to_numpy())
     with atomic_dir(out_dir) as tmp:
-        if fmt == "ml-1m":
-            _write_ml1m(sample, tmp)
+        if fmt == "ml-1m":  # streamed: ratings.dat and oracle.parquet are written chunk by chunk
+            oracle_auc = _write_ml1m(_Draw(params), tmp)
         else:
+            sample = sample_movielens(params)
+            oracle_auc = roc_auc(sample.ratings["rating"].to_numpy() > 3, sample.ratings["p_positive"].to_numpy())
             _write_ml100k(sample, tmp, np.random.default_rng(np.random.SeedSequence([seed, 100])))
-        sample.ratings[["userId", "movieId", "p_positive"]].to_parquet(tmp / ORACLE_FILE, index=False)
+            sample.ratings[["userId", "movieId", "p_positive"]].to_parquet(tmp / ORACLE_FILE, index=False)
         recorded = dict(params, oracle_auc=round(oracle_auc, 6))
         (tmp / PARAMS_FILE).write_text(json.dumps(recorded, indent=2) + "\n")
     logger.info("synthetic data written to %s (oracle AUC %.4f)", out_dir, oracle_auc)
@@ -192,118 +198,251 @@ class SyntheticSample:
 
 
 def sample_movielens(params: dict) -> SyntheticSample:
-    """Draw users, movies and ratings for ``params`` (see :func:`synthetic_params`)."""
-    fmt, n_users, n_movies, n_ratings = params["fmt"], params["n_users"], params["n_movies"], params["n_ratings"]
-    if n_users < 1 or n_movies < _MIN_RATINGS_PER_USER:
-        raise DataError(f"synthetic data needs n_users >= 1 and n_movies >= {_MIN_RATINGS_PER_USER}")
-    cap = max(int(np.ceil(0.62 * n_movies)), -(-n_ratings // n_users))
-    cap = min(cap, n_movies)
-    if not _MIN_RATINGS_PER_USER * n_users <= n_ratings <= cap * n_users:
-        raise DataError(
-            f"n_ratings={n_ratings} is impossible for {n_users} users and {n_movies} movies: every user rates "
-            f"{_MIN_RATINGS_PER_USER} to {cap} distinct movies"
-        )
-    streams = np.random.SeedSequence([params["seed"], GENERATOR_VERSION]).spawn(8)
-    rng_users, rng_movies, rng_signal, rng_counts, rng_pick, rng_noise, rng_time, rng_titles = (
-        np.random.default_rng(s) for s in streams
-    )
+    """Draw users, movies and ratings for ``params`` (see :func:`synthetic_params`), all in memory.
 
-    # Users: demographics drawn with ml-1m's shares.
-    gender = np.where(rng_users.random(n_users) < 0.2829, "F", "M")
-    age_group = rng_users.choice(len(_AGE_SHARES), size=n_users, p=_AGE_SHARES / _AGE_SHARES.sum())
-    occupation = rng_users.choice(
-        len(_OCCUPATION_SHARES), size=n_users, p=_OCCUPATION_SHARES / _OCCUPATION_SHARES.sum()
-    )
-    zip_pool = rng_users.integers(1000, 100_000, size=max(1, int(0.57 * n_users)))
-    zipcode = np.char.zfill(zip_pool[rng_users.integers(0, zip_pool.size, size=n_users)].astype(str), 5)
-    users = pd.DataFrame(
-        {
-            "userId": np.arange(1, n_users + 1, dtype=np.int64),
-            "gender": gender.astype(object),
-            "age_group": age_group,
-            "occupation": occupation.astype(np.int64),
-            "zipcode": zipcode.astype(object),
-        }
-    )
-
-    # Movies: ml-1m ids have gaps (3,706 rated movies among ids up to 3,952); ml-100k ids are 1..n.
-    if fmt == "ml-1m":
-        max_id = int(np.ceil(n_movies * 1.0664))
-        movie_ids = np.sort(rng_movies.choice(max_id, size=n_movies, replace=False) + 1).astype(np.int64)
-    else:
-        movie_ids = np.arange(1, n_movies + 1, dtype=np.int64)
-    n_genres = rng_movies.choice(4, size=n_movies, p=[0.55, 0.32, 0.11, 0.02]) + 1
-    # Gumbel top-k: each movie gets n_genres distinct genres, weighted by ml-1m's genre frequencies.
-    genre_keys = np.log(_GENRE_SHARES)[None, :] + rng_movies.gumbel(size=(n_movies, len(GENRES)))
-    genre_rank = np.argsort(np.argsort(-genre_keys, axis=1), axis=1)
-    genre_flags = genre_rank < n_genres[:, None]
-    titles, years = _titles(n_movies, _MAX_YEAR[fmt], rng_titles)
-    movies = pd.DataFrame({"movieId": movie_ids, "title": titles, "year": years})
-
-    # Signal: biases, low-rank affinity with genre-driven movie factors, demographic x genre effects.
-    popularity = rng_signal.standard_normal(n_movies)
-    user_bias = _SD_USER_BIAS * rng_signal.standard_normal(n_users)
-    movie_bias = _SD_MOVIE_BIAS * (0.45 * popularity + np.sqrt(1 - 0.45**2) * rng_signal.standard_normal(n_movies))
-    genre_factors = rng_signal.standard_normal((len(GENRES), _RANK))
-    movie_factors = genre_flags @ genre_factors / np.sqrt(n_genres)[:, None] + rng_signal.standard_normal(
-        (n_movies, _RANK)
-    )
-    movie_factors /= np.sqrt(2.0 * _RANK)
-    user_factors = _SD_AFFINITY * rng_signal.standard_normal((n_users, _RANK))
-    taste = (
-        rng_signal.standard_normal((len(_AGE_SHARES), len(GENRES)))[age_group]
-        + rng_signal.standard_normal((2, len(GENRES)))[(gender == "F").astype(int)]
-        + rng_signal.standard_normal((len(_OCCUPATION_SHARES), len(GENRES)))[occupation]
-    ) * (_SD_DEMOGRAPHIC / np.sqrt(3.0))
-
-    # Who rates what: heavy-tailed counts per user, popularity-weighted picks without replacement.
-    counts = _ratings_per_user(n_users, n_ratings, cap, rng_counts)
-    log_weight = _SD_POPULARITY * popularity
-    user_idx = np.repeat(np.arange(n_users), counts)
-    movie_idx = np.empty(n_ratings, dtype=np.int64)
-    chunk = max(1, 4_000_000 // n_movies)  # bounds the (users x movies) keys + argsort to ~64 MB
-    start = 0
-    for lo in range(0, n_users, chunk):
-        hi = min(n_users, lo + chunk)
-        keys = log_weight[None, :] + rng_pick.gumbel(size=(hi - lo, n_movies))
-        order = np.argsort(-keys, axis=1, kind="stable")
-        picked = order[np.arange(n_movies)[None, :] < counts[lo:hi, None]]
-        movie_idx[start : start + picked.size] = picked
-        start += picked.size
-
-    score = (
-        user_bias[user_idx]
-        + movie_bias[movie_idx]
-        + np.einsum("nk,nk->n", user_factors[user_idx], movie_factors[movie_idx])
-        + np.einsum("ng,ng->n", taste[user_idx], genre_flags[movie_idx]) / np.sqrt(n_genres[movie_idx])
-    )
-    latent = score + rng_noise.standard_normal(n_ratings)
-    thresholds = np.quantile(latent, np.cumsum(ML1M_RATING_SHARES)[:-1])
-    rating = 1 + np.searchsorted(thresholds, latent, side="right")
-    p_positive = ndtr(score - thresholds[2])  # P(latent > threshold between 3 and 4 stars)
-
-    t_lo, t_hi = _TIME_RANGE[fmt]
-    first = t_lo + (t_hi - t_lo) * rng_time.beta(1.0, 4.0, size=n_users)
-    span = rng_time.exponential(30 * 86_400, size=n_users)
-    timestamp = np.minimum(first[user_idx] + span[user_idx] * rng_time.random(n_ratings), t_hi).astype(np.int64)
-
-    ratings = pd.DataFrame(
-        {
-            "userId": users["userId"].to_numpy()[user_idx],
-            "movieId": movie_ids[movie_idx],
-            "rating": rating.astype(np.int64),
-            "timestamp": timestamp,
-            "p_positive": p_positive,
-        }
-    )
-    order = np.lexsort((ratings["movieId"].to_numpy(), timestamp, user_idx))  # = sort by user, time, movie
-    ratings = ratings.iloc[order].reset_index(drop=True)
+    The same draws as :func:`generate_synthetic`'s streamed files (both read :class:`_Draw`'s chunks).
+    """
+    draw = _Draw(params)
+    chunks = list(draw.rating_chunks())
+    ratings = pd.concat([c.ratings for c in chunks], ignore_index=True)
+    cat = {key: np.concatenate([getattr(c, key) for c in chunks]) for key in ("user_idx", "movie_idx", "score", "latent")}
     truth = dict(
-        user_bias=user_bias, user_factors=user_factors, movie_bias=movie_bias, movie_factors=movie_factors,
-        genre_factors=genre_factors, taste=taste, n_genres=n_genres, thresholds=thresholds,
-        user_idx=user_idx[order], movie_idx=movie_idx[order], score=score[order], latent=latent[order],
+        user_bias=draw.user_bias, user_factors=draw.user_factors, movie_bias=draw.movie_bias,
+        movie_factors=draw.movie_factors, genre_factors=draw.genre_factors, taste=draw.taste,
+        n_genres=draw.n_genres, thresholds=draw.thresholds, **cat,
     )
-    return SyntheticSample(users=users, movies=movies, genre_flags=genre_flags, ratings=ratings, truth=truth)
+    return SyntheticSample(users=draw.users, movies=draw.movies, genre_flags=draw.genre_flags, ratings=ratings,
+                           truth=truth)
+
+
+# Ratings per chunk of whole users in the streamed output (pyarrow's default row group size, so data
+# up to this size gets a one-row-group oracle.parquet, as the in-memory writer made before).
+CHUNK_RATINGS = 1 << 20
+
+
+@dataclass
+class _RatingChunk:
+    """The ratings of consecutive users, sorted by user, time, movie: ``ratings`` as in SyntheticSample,
+    plus the planted ``user_idx``, ``movie_idx``, ``score``, ``latent`` (n,) of the same rows."""
+
+    ratings: pd.DataFrame
+    user_idx: np.ndarray
+    movie_idx: np.ndarray
+    score: np.ndarray
+    latent: np.ndarray
+
+
+class _Draw:
+    """The generator's draws, made once per request and streamed out by :meth:`rating_chunks`.
+
+    ``__init__`` draws users, movies, the signal, who rates what, each rating's score and noisy latent
+    (the only per-rating arrays held: movie index int32, score and latent float64, 20 bytes a rating)
+    and the star thresholds (quantiles of every latent). ``rating_chunks`` then adds timestamps, stars
+    and the oracle chunk by chunk. Every random stream is consumed in user order, so the output does
+    not depend on the chunking.
+    """
+
+    def __init__(self, params: dict):
+        fmt, n_users, n_movies, n_ratings = params["fmt"], params["n_users"], params["n_movies"], params["n_ratings"]
+        if n_users < 1 or n_movies < _MIN_RATINGS_PER_USER:
+            raise DataError(f"synthetic data needs n_users >= 1 and n_movies >= {_MIN_RATINGS_PER_USER}")
+        cap = max(int(np.ceil(0.62 * n_movies)), -(-n_ratings // n_users))
+        cap = min(cap, n_movies)
+        if not _MIN_RATINGS_PER_USER * n_users <= n_ratings <= cap * n_users:
+            raise DataError(
+                f"n_ratings={n_ratings} is impossible for {n_users} users and {n_movies} movies: every user rates "
+                f"{_MIN_RATINGS_PER_USER} to {cap} distinct movies"
+            )
+        self.fmt, self.n_ratings = fmt, n_ratings
+        streams = np.random.SeedSequence([params["seed"], GENERATOR_VERSION]).spawn(8)
+        rng_users, rng_movies, rng_signal, rng_counts, rng_pick, rng_noise, rng_time, rng_titles = (
+            np.random.default_rng(s) for s in streams
+        )
+        self._rng_time = rng_time
+
+        # Users: demographics drawn with ml-1m's shares.
+        gender = np.where(rng_users.random(n_users) < 0.2829, "F", "M")
+        age_group = rng_users.choice(len(_AGE_SHARES), size=n_users, p=_AGE_SHARES / _AGE_SHARES.sum())
+        occupation = rng_users.choice(
+            len(_OCCUPATION_SHARES), size=n_users, p=_OCCUPATION_SHARES / _OCCUPATION_SHARES.sum()
+        )
+        zip_pool = rng_users.integers(1000, 100_000, size=max(1, int(0.57 * n_users)))
+        zipcode = np.char.zfill(zip_pool[rng_users.integers(0, zip_pool.size, size=n_users)].astype(str), 5)
+        self.users = pd.DataFrame(
+            {
+                "userId": np.arange(1, n_users + 1, dtype=np.int64),
+                "gender": gender.astype(object),
+                "age_group": age_group,
+                "occupation": occupation.astype(np.int64),
+                "zipcode": zipcode.astype(object),
+            }
+        )
+
+        # Movies: ml-1m ids have gaps (3,706 rated movies among ids up to 3,952); ml-100k ids are 1..n.
+        if fmt == "ml-1m":
+            max_id = int(np.ceil(n_movies * 1.0664))
+            movie_ids = np.sort(rng_movies.choice(max_id, size=n_movies, replace=False) + 1).astype(np.int64)
+        else:
+            movie_ids = np.arange(1, n_movies + 1, dtype=np.int64)
+        self.movie_ids = movie_ids
+        n_genres = rng_movies.choice(4, size=n_movies, p=[0.55, 0.32, 0.11, 0.02]) + 1
+        # Gumbel top-k: each movie gets n_genres distinct genres, weighted by ml-1m's genre frequencies.
+        genre_keys = np.log(_GENRE_SHARES)[None, :] + rng_movies.gumbel(size=(n_movies, len(GENRES)))
+        genre_rank = np.argsort(np.argsort(-genre_keys, axis=1), axis=1)
+        genre_flags = genre_rank < n_genres[:, None]
+        titles, years = _titles(n_movies, _MAX_YEAR[fmt], rng_titles)
+        self.movies = pd.DataFrame({"movieId": movie_ids, "title": titles, "year": years})
+        self.genre_flags, self.n_genres = genre_flags, n_genres
+
+        # Signal: biases, low-rank affinity with genre-driven movie factors, demographic x genre effects.
+        popularity = rng_signal.standard_normal(n_movies)
+        self.user_bias = _SD_USER_BIAS * rng_signal.standard_normal(n_users)
+        self.movie_bias = _SD_MOVIE_BIAS * (
+            0.45 * popularity + np.sqrt(1 - 0.45**2) * rng_signal.standard_normal(n_movies))
+        self.genre_factors = rng_signal.standard_normal((len(GENRES), _RANK))
+        movie_factors = genre_flags @ self.genre_factors / np.sqrt(n_genres)[:, None] + rng_signal.standard_normal(
+            (n_movies, _RANK)
+        )
+        movie_factors /= np.sqrt(2.0 * _RANK)
+        self.movie_factors = movie_factors
+        self.user_factors = _SD_AFFINITY * rng_signal.standard_normal((n_users, _RANK))
+        self.taste = (
+            rng_signal.standard_normal((len(_AGE_SHARES), len(GENRES)))[age_group]
+            + rng_signal.standard_normal((2, len(GENRES)))[(gender == "F").astype(int)]
+            + rng_signal.standard_normal((len(_OCCUPATION_SHARES), len(GENRES)))[occupation]
+        ) * (_SD_DEMOGRAPHIC / np.sqrt(3.0))
+
+        # Who rates what: heavy-tailed counts per user, popularity-weighted picks without replacement;
+        # then each rating's score and latent, block by block of users.
+        self.counts = _ratings_per_user(n_users, n_ratings, cap, rng_counts)
+        self.starts = np.r_[0, np.cumsum(self.counts)]
+        self.movie_idx = np.empty(n_ratings, dtype=np.int32 if n_movies < 2**31 else np.int64)
+        self.score = np.empty(n_ratings)
+        self.latent = np.empty(n_ratings)
+        picker = _GumbelTopK(_SD_POPULARITY * popularity, rng_pick)
+        block = max(1, 4_000_000 // n_movies)  # bounds a block's (users x movies) draws to ~32 MB
+        for lo in range(0, n_users, block):
+            hi = min(n_users, lo + block)
+            a, b = self.starts[lo], self.starts[hi]
+            movie_idx = picker.pick(self.counts[lo:hi])
+            user_idx = np.repeat(np.arange(lo, hi), self.counts[lo:hi])
+            self.movie_idx[a:b] = movie_idx
+            self.score[a:b] = self._score(user_idx, movie_idx)
+            self.latent[a:b] = self.score[a:b] + rng_noise.standard_normal(b - a)
+        self.thresholds = np.quantile(self.latent, np.cumsum(ML1M_RATING_SHARES)[:-1])
+        logger.debug("synthetic draws: %d of %d pick rows needed every key", picker.full_rows, n_users)
+
+        t_lo, t_hi = _TIME_RANGE[fmt]
+        self._first = t_lo + (t_hi - t_lo) * rng_time.beta(1.0, 4.0, size=n_users)
+        self._span = rng_time.exponential(30 * 86_400, size=n_users)
+
+    def _score(self, user_idx: np.ndarray, movie_idx: np.ndarray) -> np.ndarray:
+        """The planted score (n,) of (user, movie) index pairs: biases + affinity + demographic x genre."""
+        return (
+            self.user_bias[user_idx]
+            + self.movie_bias[movie_idx]
+            + np.einsum("nk,nk->n", self.user_factors[user_idx], self.movie_factors[movie_idx])
+            + np.einsum("ng,ng->n", self.taste[user_idx], self.genre_flags[movie_idx])
+            / np.sqrt(self.n_genres[movie_idx])
+        )
+
+    def rating_chunks(self, chunk_ratings: int = CHUNK_RATINGS):
+        """Yield :class:`_RatingChunk` of whole users (about ``chunk_ratings`` ratings each), in user order."""
+        t_hi = _TIME_RANGE[self.fmt][1]
+        n_users = len(self.counts)
+        lo = 0
+        while lo < n_users:
+            # whole users, at least one, up to chunk_ratings ratings
+            hi = max(lo + 1, int(np.searchsorted(self.starts, self.starts[lo] + chunk_ratings, side="right")) - 1)
+            hi = min(hi, n_users)
+            a, b = self.starts[lo], self.starts[hi]
+            user_idx = np.repeat(np.arange(lo, hi), self.counts[lo:hi])
+            movie_idx = self.movie_idx[a:b].astype(np.int64)
+            score, latent = self.score[a:b], self.latent[a:b]
+            rating = 1 + np.searchsorted(self.thresholds, latent, side="right")
+            p_positive = ndtr(score - self.thresholds[2])  # P(latent > threshold between 3 and 4 stars)
+            timestamp = np.minimum(
+                self._first[user_idx] + self._span[user_idx] * self._rng_time.random(b - a), t_hi
+            ).astype(np.int64)
+            movie_id = self.movie_ids[movie_idx]
+            order = np.lexsort((movie_id, timestamp, user_idx))  # = sort by user, time, movie
+            ratings = pd.DataFrame(
+                {
+                    "userId": self.users["userId"].to_numpy()[user_idx[order]],
+                    "movieId": movie_id[order],
+                    "rating": rating[order].astype(np.int64),
+                    "timestamp": timestamp[order],
+                    "p_positive": p_positive[order],
+                }
+            )
+            yield _RatingChunk(ratings, user_idx[order], movie_idx[order], score[order], latent[order])
+            lo = hi
+
+
+class _GumbelTopK:
+    """Per user, ``k`` distinct movies drawn with probability proportional to ``exp(log_weight)``,
+    without replacement: the top ``k`` of ``log_weight + Gumbel`` keys (in key order).
+
+    The keys are numpy's own ``Generator.gumbel`` draws (``-log(-log(1 - u))`` of one uniform ``u``
+    each), but only those that can reach a user's top ``k`` are computed: for a threshold ``t`` whose
+    expected count of keys above it is a little over ``k``, a key can exceed ``t`` only if
+    ``u < w_i exp(-t)`` (``w = exp(log_weight)``; ``1 - exp(-x) <= x``), a comparison of uniforms. A row
+    whose ``k``-th key is not above ``t`` (rare) gets every key computed, so the picks are exactly those
+    of computing all keys, at the cost of uniforms instead of logarithms for most of the users x movies.
+    """
+
+    def __init__(self, log_weight: np.ndarray, rng: np.random.Generator, *, margin: float = 4.0):
+        self.log_weight, self.rng, self.margin = log_weight, rng, margin
+        self.weight = np.exp(log_weight)
+        # E[# keys above t] = sum_i 1 - exp(-w_i s), s = exp(-t), on a grid of log s, inverted by interpolation
+        self._log_s = np.linspace(np.log(1e-3 / self.weight.sum()), np.log(50.0 / self.weight.min()), 400)
+        self._expected = np.array([-np.expm1(-self.weight * np.exp(x)).sum() for x in self._log_s])
+        self.full_rows = 0
+        self._buffers = None
+
+    def pick(self, counts: np.ndarray) -> np.ndarray:
+        """Movie indices (sum(counts),): row r's ``counts[r]`` picks, best key first, rows in order."""
+        n_rows, n_movies = len(counts), len(self.weight)
+        if self._buffers is None or self._buffers[0].shape[0] < n_rows:  # reused: no page faults per block
+            self._buffers = (np.empty((n_rows, n_movies)), np.empty((n_rows, n_movies)),
+                             np.empty((n_rows, n_movies), dtype=bool))
+        u, bound, candidate = (b[:n_rows] for b in self._buffers)
+        state = self.rng.bit_generator.state
+        self.rng.random(out=u)
+        # a margin of standard deviations (and a few keys): a row rarely falls short of its k
+        wanted = counts + self.margin * (np.sqrt(counts) + 4.0)
+        log_s = np.interp(wanted, self._expected, self._log_s, right=np.inf)
+        s = np.exp(log_s)
+        np.multiply(self.weight[None, :], s[:, None], out=bound)
+        np.less(u, bound, out=candidate)
+        rows, cols = np.nonzero(candidate)
+        u_candidate = u[rows, cols]
+        if not u_candidate.all():  # a uniform of exactly 0 (always a candidate): numpy's gumbel redraws it
+            self.rng.bit_generator.state = state
+            keys = self.log_weight[None, :] + self.rng.gumbel(size=(n_rows, n_movies))
+            order = np.argsort(-keys, axis=1, kind="stable")
+            self.full_rows += n_rows
+            return order[np.arange(n_movies)[None, :] < counts[:, None]]
+        keys = self.log_weight[cols] - np.log(-np.log(1.0 - u_candidate))
+        order = np.lexsort((cols, -keys, rows))  # by row, best key first, ties by movie index (stable argsort)
+        rows, cols, keys = rows[order], cols[order], keys[order]
+        row_start = np.searchsorted(rows, np.arange(n_rows))
+        position = np.arange(rows.size) - row_start[rows]
+        take = position < counts[rows]
+        have = np.bincount(rows[take], minlength=n_rows)
+        kth = np.full(n_rows, -np.inf)
+        last = take & (position == counts[rows] - 1)
+        kth[rows[last]] = keys[last]
+        # every key left out is <= t = -log s; a row is exact when its k-th key is clearly above t
+        short = np.flatnonzero((have < counts) | ~(kth > -log_s + 1e-9) & np.isfinite(log_s))
+        if not short.size:
+            return cols[take]
+        picked = np.split(cols[take], np.cumsum(have)[:-1])
+        for r in short:
+            full = self.log_weight - np.log(-np.log(1.0 - u[r]))
+            picked[r] = np.argsort(-full, kind="stable")[: counts[r]]
+        self.full_rows += short.size
+        return np.concatenate(picked)
 
 
 def _ratings_per_user(n_users: int, n_ratings: int, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -384,19 +523,50 @@ def _lines(*columns) -> list:
     return [np.asarray(c).tolist() for c in columns]
 
 
-def _write_ml1m(sample: SyntheticSample, out: Path) -> None:
-    """ratings.dat, users.dat, movies.dat: '::'-separated, '\\n' line ends, latin-1 (movies.dat titles)."""
-    r, u, m = sample.ratings, sample.users, sample.movies
-    with open(out / "ratings.dat", "w", encoding="ascii", newline="\n") as f:
-        f.writelines(map("{}::{}::{}::{}\n".format, *_lines(r["userId"], r["movieId"], r["rating"], r["timestamp"])))
+def _write_ml1m(draw: _Draw, out: Path, chunk_ratings: int = CHUNK_RATINGS) -> float:
+    """ratings.dat, users.dat, movies.dat ('::'-separated, '\\n' line ends, latin-1 titles) and
+    oracle.parquet, the ratings streamed chunk by chunk; returns the oracle's AUC of rating > 3."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    u, m = draw.users, draw.movies
     ages = np.asarray(ML1M_AGE_CODES)[u["age_group"].to_numpy()]
     with open(out / "users.dat", "w", encoding="ascii", newline="\n") as f:
         f.writelines(
             map("{}::{}::{}::{}::{}\n".format, *_lines(u["userId"], u["gender"], ages, u["occupation"], u["zipcode"]))
         )
-    genres = ["|".join(g for g, on in zip(GENRES, flags) if on) for flags in sample.genre_flags]
+    genres = ["|".join(g for g, on in zip(GENRES, flags) if on) for flags in draw.genre_flags]
     with open(out / "movies.dat", "w", encoding="latin-1", newline="\n") as f:
         f.writelines(map("{}::{}::{}\n".format, *_lines(m["movieId"], m["title"]), genres))
+
+    positive = np.empty(draw.n_ratings, dtype=bool)
+    p_positive = np.empty(draw.n_ratings)
+    done, writer = 0, None
+    progress = tqdm(total=draw.n_ratings, desc="synthetic ratings", unit="rating", unit_scale=True, leave=False,
+                    disable=None)
+    try:
+        with open(out / "ratings.dat", "w", encoding="ascii", newline="\n") as f:
+            for chunk in draw.rating_chunks(chunk_ratings):
+                r = chunk.ratings
+                for lo in range(0, len(r), 250_000):  # bounds the Python strings held at once
+                    part = r.iloc[lo : lo + 250_000]
+                    f.writelines(map("{}::{}::{}::{}\n".format,
+                                     *_lines(part["userId"], part["movieId"], part["rating"], part["timestamp"])))
+                table = pa.Table.from_pandas(r[["userId", "movieId", "p_positive"]], preserve_index=False)
+                if writer is None:  # what DataFrame.to_parquet(index=False) writes, one row group per chunk
+                    writer = pq.ParquetWriter(out / ORACLE_FILE, table.schema, compression="snappy")
+                writer.write_table(table, row_group_size=len(r))
+                positive[done : done + len(r)] = r["rating"].to_numpy() > 3
+                p_positive[done : done + len(r)] = r["p_positive"].to_numpy()
+                done += len(r)
+                progress.update(len(r))
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.close()
+    del draw.score, draw.latent, draw.movie_idx  # the per-rating draws are written: free them for the AUC
+    return roc_auc(positive, p_positive)
 
 
 _MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
