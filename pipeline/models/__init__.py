@@ -30,6 +30,7 @@ from pipeline.models.outputs import (
     outputs_from_schema,
 )
 from pipeline.models.transforms import AsDenseFeatures, L2Norm, LogitsTemperatureScaler, ToDense
+from pipeline.models.two_tower import InBatchAccidentalHits, TwoTower, TwoTowerModel
 from pipeline.models.wide import WideBlock
 from pipeline.models.wide_deep import WideAndDeepModel
 
@@ -56,4 +57,5 @@ __all__ = [
     "LogitsTemperatureScaler", "MLPBlock", "MLPModel", "Model", "OutputBlock", "ParallelBlock", "RegressionOutput",
     "ResidualBlock", "SequenceEmbeddingFeatures", "SequentialBlock", "StackFeatures", "ToDense", "WideAndDeepModel",
     "WideBlock", "heads_from", "load_model", "outputs_from_schema", "sample_batch",
+    "InBatchAccidentalHits", "TwoTower", "TwoTowerModel",
 ]
