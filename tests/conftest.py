@@ -42,3 +42,14 @@ def model_dir(etl_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "dlrm"
     train_model(etl_dir, out, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def two_tower_dir(etl_dir, tmp_path_factory) -> Path:
+    """A two-tower retrieval model trained briefly on ``etl_dir``'s positives (pipeline.retrieval.fit_two_tower),
+    with its ranking metrics on the valid split in metrics.json."""
+    from pipeline.retrieval import fit_two_tower
+
+    out = tmp_path_factory.mktemp("models") / "two_tower"
+    fit_two_tower(etl_dir, out, epochs=4, batch_size=512, seed=0, verbose=0)
+    return out

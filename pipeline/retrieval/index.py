@@ -1,0 +1,86 @@
+"""Top-k over a catalog of item vectors: the interface an approximate (ANN) index implements, and brute force.
+
+An index holds one vector per item (``(n_items, dim)`` float32, rows in the order of ``ids``) and answers
+``search(queries (q, dim), k, exclude=...)`` with the ``k`` items of highest inner product per query
+(cosine for the two-tower's unit vectors), best first. ``exclude`` lists, per query, row positions that
+must not be returned (the movies the user rated in training).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import numpy as np
+
+
+class ItemIndex(abc.ABC):
+    """Maximum-inner-product search over a fixed set of item vectors.
+
+    Args:
+        ids: ``(n_items,)`` the item id of each row (returned by ``search``).
+        vectors: ``(n_items, dim)`` the item vectors.
+    """
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray):
+        ids, vectors = np.asarray(ids), np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(ids) != len(vectors):
+            raise ValueError(f"an index needs (n, dim) vectors for n ids, got {vectors.shape} for {len(ids)} ids")
+        self.ids = ids
+        self.vectors = vectors
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @abc.abstractmethod
+    def search_rows(self, queries: np.ndarray, k: int,
+                    exclude: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, scores)``, each ``(q, k')`` with ``k' = min(k, n_items)``: the row positions of the best
+        items per query, best first, and their scores; excluded rows are never returned (a query with
+        fewer than ``k'`` allowed items is padded with row -1, score -inf)."""
+
+    def search(self, queries: np.ndarray, k: int,
+               exclude: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, scores)`` of ``search_rows`` (padding rows keep id -1)."""
+        rows, scores = self.search_rows(queries, k, exclude)
+        ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+        return ids, scores
+
+
+class BruteForceIndex(ItemIndex):
+    """Exact search: every item scored with one matrix product per batch of queries (numpy, float32).
+
+    At ML-1M's 3,706 movies x 64 dims a query costs ~0.1 ms, at ML-25M's 59k ~1-2 ms on one core: exact
+    search is the right choice up to a few hundred thousand items. Ties are broken by row position (the
+    lower row first), so results are deterministic.
+    """
+
+    def search_rows(self, queries, k, exclude=None):
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"queries have {queries.shape[1]} dims, the index {self.dim}")
+        if exclude is not None and len(exclude) != len(queries):
+            raise ValueError(f"exclude has {len(exclude)} entries for {len(queries)} queries")
+        k = max(0, min(int(k), len(self)))
+        scores = queries @ self.vectors.T  # (q, n)
+        if exclude is not None:
+            for row, excluded in enumerate(exclude):
+                if len(excluded):
+                    scores[row, np.asarray(excluded, dtype=np.int64)] = -np.inf
+        if k == 0:
+            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        rows = np.empty((len(queries), k), dtype=np.int64)
+        top = np.empty((len(queries), k), dtype=np.float32)
+        for q, s in enumerate(scores):
+            # every row at least as good as the k-th best, in row order, stably sorted by score: argpartition
+            # alone would pick arbitrary members of a tie at the boundary
+            kth = np.partition(-s, k - 1)[k - 1]
+            candidates = np.flatnonzero(-s <= kth)
+            best = candidates[np.argsort(-s[candidates], kind="stable")[:k]]
+            rows[q], top[q] = best, s[best]
+        rows[~np.isfinite(top)] = -1
+        return rows, top

@@ -1,0 +1,149 @@
+"""Retrieval through the saved workflow: a two-tower model's item index over every movie, and two-stage ranking.
+
+``Retriever.load(etl_dir, model_dir)`` loads a trained two-tower model with ``pipeline.inference.Predictor``
+(checksums, the ETL run, the schema fingerprint and the feature cache are checked as for any model), runs
+the candidate tower once over every movie the saved workflow knows (``Predictor.candidate_items``) into an
+``ItemIndex``, and the query tower once over every known user. A request for a known user is then one row
+lookup and one index search; an unseen user goes through the workflow (its out-of-vocabulary rows) and the
+query tower. ``two_stage_recommend`` ranks the retrieved candidates with a ranking model's ``Predictor``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import ArtifactError
+from pipeline.retrieval.index import BruteForceIndex, ItemIndex
+
+logger = logging.getLogger(__name__)
+
+USER, ITEM = "userId", "movieId"  # the request columns (as in Predictor.recommend)
+TOWER_BATCH = 65_536  # rows per tower call when embedding the catalog or every user
+DEFAULT_CANDIDATES = 200  # two-stage: movies retrieved for the ranker
+
+
+def known_ids(workflow, key: str) -> np.ndarray:
+    """Raw ids of ``key`` the saved workflow knows (sorted): the inference package's helper."""
+    try:
+        from pipeline.inference import known_ids as known
+    except ImportError:  # pipeline.inference before it became a package
+        from pipeline.inference import _known_ids as known
+    return known(workflow, key)
+
+
+def _embed(tower: Callable, arrays: dict[str, np.ndarray], rows: int) -> np.ndarray:
+    """``tower`` over ``arrays`` in batches of ``TOWER_BATCH`` rows -> ``(rows, dim)`` float32."""
+    out = []
+    for start in range(0, rows, TOWER_BATCH):
+        batch = {name: a[start:start + TOWER_BATCH] for name, a in arrays.items()}
+        out.append(np.asarray(tower(batch), dtype=np.float32))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+class Retriever:
+    """Top-k movies for a user from a two-tower model, over every movie of the saved workflow.
+
+    Attributes:
+        predictor: the two-tower model's ``Predictor`` (features of raw ids through the saved workflow).
+        index: the ``ItemIndex`` of the movies' candidate vectors (ids: raw movieIds, sorted).
+        item_codes: ``(n_movies,)`` each index row's encoded movieId (cold movies share the OOV code).
+    """
+
+    def __init__(self, predictor, index: ItemIndex, item_codes: np.ndarray, users: np.ndarray,
+                 user_codes: np.ndarray, user_vectors: np.ndarray):
+        self.predictor = predictor
+        self.model = predictor.model
+        self.index = index
+        self.item_codes = np.asarray(item_codes, dtype=np.int64)
+        self.users = users  # sorted raw userIds with a precomputed query vector
+        self.user_codes = user_codes
+        self.user_vectors = user_vectors
+        # encoded movieId -> index row; movies rated in training always have their own code (Categorify's
+        # vocabulary is the training split), so the OOV code shared by cold movies is never looked up
+        self._row_of_code = np.full(int(self.item_codes.max(initial=0)) + 1, -1, dtype=np.int64)
+        self._row_of_code[self.item_codes[::-1]] = np.arange(len(self.item_codes))[::-1]
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, etl_dir: str | Path, model_dir: str | Path, *, index_type: type[ItemIndex] = BruteForceIndex,
+             feature_cache: bool = True) -> "Retriever":
+        """Load a two-tower model dir with the workflow of ``etl_dir``; embed every movie and known user."""
+        from pipeline.inference import Predictor
+        from pipeline.models import TwoTower
+
+        predictor = Predictor.load(etl_dir, model_dir, feature_cache=feature_cache)
+        model = predictor.model
+        if not isinstance(model, TwoTower):
+            raise ArtifactError(f"{model_dir} holds a {type(model).__name__} ({getattr(model, 'name', '?')}), not a "
+                                "two-tower model: train one with `python -m pipeline train --model two-tower`")
+        items = predictor.candidate_items
+        users = predictor.cache.keys[USER] if predictor.cache is not None else known_ids(predictor.workflow, USER)
+        item_arrays = predictor.features(pd.DataFrame({USER: np.full(len(items), users[0]), ITEM: items}))
+        index = index_type(items, _embed(model.candidate_embeddings, item_arrays, len(items)))
+        user_arrays = predictor.features(pd.DataFrame({USER: users, ITEM: np.full(len(users), items[0])}))
+        user_vectors = _embed(model.query_embeddings, user_arrays, len(users))
+        logger.info("retrieval index: %d movies x %d dims (%s), %d users", len(index), index.dim,
+                    type(index).__name__, len(users))
+        return cls(predictor, index, item_arrays[ITEM].ravel(), users, user_arrays[USER].ravel(), user_vectors)
+
+    # ---- queries --------------------------------------------------------------------------------
+    def queries(self, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(vectors (n, dim), encoded user ids (n,))`` for raw ``user_ids``; unseen users through the workflow."""
+        user_ids = np.asarray(user_ids, dtype=np.int64).ravel()
+        pos = np.minimum(np.searchsorted(self.users, user_ids), len(self.users) - 1)
+        known = self.users[pos] == user_ids
+        vectors = self.user_vectors[pos].copy()
+        codes = self.user_codes[pos].astype(np.int64)
+        if not known.all():
+            unseen = np.flatnonzero(~known)
+            frame = pd.DataFrame({USER: user_ids[unseen], ITEM: np.full(len(unseen), self.index.ids[0])})
+            arrays = self.predictor.features(frame)
+            with self._lock:
+                vectors[unseen] = _embed(self.model.query_embeddings, arrays, len(unseen))
+            codes[unseen] = np.ravel(arrays[USER])
+        return vectors, codes
+
+    def rated_rows(self, encoded_user: int) -> np.ndarray:
+        """Index rows of the movies the (encoded) user rated in the training split."""
+        codes = self.predictor.rated_codes(int(encoded_user))
+        codes = codes[codes < len(self._row_of_code)]
+        rows = self._row_of_code[codes]
+        return rows[rows >= 0]
+
+    def retrieve_many(self, user_ids: np.ndarray, k: int, exclude_rated: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(movieIds, scores)`` each ``(n_users, min(k, n_movies))``, best first (padding: -1, -inf)."""
+        vectors, codes = self.queries(user_ids)
+        exclude = [self.rated_rows(c) for c in codes] if exclude_rated else None
+        return self.index.search(vectors, k, exclude)
+
+    def retrieve(self, user_id: int, k: int = 10, exclude_rated: bool = False) -> list[tuple[int, float]]:
+        """Top ``k`` ``(movieId, cosine score)`` for one raw ``user_id`` (as ``Predictor.recommend`` answers)."""
+        ids, scores = self.retrieve_many(np.array([user_id]), k, exclude_rated)
+        return [(int(m), float(s)) for m, s in zip(ids[0], scores[0]) if m >= 0]
+
+
+def two_stage_recommend(retriever: Retriever, ranker, user_id: int, k: int = 10, *,
+                        candidates: int = DEFAULT_CANDIDATES, exclude_rated: bool = False) -> list[tuple[int, float]]:
+    """Top ``k`` ``(movieId, ranker score)``: ``candidates`` movies retrieved by the two-tower model, scored by the
+    ranking model's ``Predictor`` (through the saved workflow), best first; ties broken by movieId.
+
+    ``ArtifactError`` if the ranker gives a candidate a non-finite score.
+    """
+    ids, _ = retriever.retrieve_many(np.array([user_id]), max(int(k), int(candidates)), exclude_rated)
+    movies = np.sort(ids[0][ids[0] >= 0])
+    if not len(movies):
+        return []
+    frame = pd.DataFrame({USER: np.full(len(movies), user_id, dtype=np.int64), ITEM: movies})
+    scores = ranker.score_inputs(ranker.features(frame))
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        raise ArtifactError(f"the model in {ranker.model_dir} gave non-finite scores to {len(bad)} of {len(movies)} "
+                            f"candidates for user {user_id} (first: movieId {int(movies[bad[0]])})")
+    top = np.argsort(-scores, kind="stable")[:int(k)]  # movies are sorted: a tie goes to the lower movieId
+    return [(int(movies[i]), float(scores[i])) for i in top]

@@ -1,0 +1,111 @@
+"""Retrieval over the saved workflow's catalog: the brute-force index, the two-tower Retriever (through a real
+ETL output and a real trained two-tower model), two-stage ranking with the DLRM, the model dir's metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import pipeline  # noqa: F401
+
+UNSEEN_USER = 10_000_000
+
+
+def test_brute_force_index_is_exact_with_exclusions_ties_and_a_short_catalog():
+    from pipeline.retrieval import BruteForceIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 4)).astype("float32")
+    vectors[7] = vectors[3]  # a tie: the lower row comes first
+    queries = rng.normal(size=(3, 4)).astype("float32")
+    queries[0] = vectors[3] * 10
+    index = BruteForceIndex(np.arange(100, 150), vectors)
+    ids, scores = index.search(queries, 5)
+    full = queries @ vectors.T
+    for q in range(3):
+        np.testing.assert_allclose(scores[q], np.sort(full[q])[::-1][:5], rtol=1e-6)
+    assert list(ids[0][:2]) == [103, 107]
+
+    ids, _ = index.search(queries, 5, exclude=[np.array([3, 7]), np.array([], dtype=int), np.arange(48)])
+    assert 103 not in ids[0] and 107 not in ids[0]
+    assert list(ids[2][:2]) == sorted([148, 149], key=lambda i: -full[2, i - 100]) and list(ids[2][2:]) == [-1] * 3
+    ids, scores = index.search(queries[:1], 500)
+    assert ids.shape == (1, 50) and sorted(ids[0]) == list(range(100, 150))
+    with pytest.raises(ValueError, match="dims"):
+        index.search(np.zeros((1, 3)), 5)
+
+
+@pytest.fixture(scope="module")
+def retriever(etl_dir, two_tower_dir):
+    from pipeline.retrieval import Retriever
+
+    return Retriever.load(etl_dir, two_tower_dir)
+
+
+@pytest.fixture(scope="module")
+def ranker(etl_dir, model_dir):
+    from pipeline.inference import Predictor
+
+    return Predictor.load(etl_dir, model_dir)
+
+
+def test_the_index_holds_every_movie_of_the_workflow_and_retrieves_the_best_pair_scores(retriever):
+    predictor = retriever.predictor
+    assert sorted(retriever.index.ids) == sorted(predictor.candidate_items)
+    top = retriever.retrieve(7, k=10)
+    assert len(top) == 10
+    # the two-tower's own pair score through the saved workflow (Predictor.predict): cosine(user, movie)
+    movies = predictor.candidate_items
+    every = predictor.predict(pd.DataFrame({"userId": np.full(len(movies), 7), "movieId": movies}))
+    np.testing.assert_allclose([s for _, s in top], np.sort(every)[::-1][:10], atol=1e-5)
+    best = dict(zip(movies.tolist(), every.tolist()))
+    np.testing.assert_allclose([best[m] for m, _ in top], [s for _, s in top], atol=1e-5)
+
+
+def test_exclude_rated_drops_exactly_the_training_movies_and_unseen_users_get_an_answer(retriever, etl_dir):
+    n = len(retriever.index)
+    everything = {m for m, _ in retriever.retrieve(7, k=n)}
+    fresh = {m for m, _ in retriever.retrieve(7, k=n, exclude_rated=True)}
+    train = pd.concat(pd.read_parquet(p, columns=["userId", "movieId"]) for p in (etl_dir / "train").glob("*.parquet"))
+    _, codes = retriever.queries(np.array([7]))
+    rated_codes = set(train.loc[train["userId"] == codes[0], "movieId"])
+    rated = {int(m) for m, c in zip(retriever.index.ids, retriever.item_codes) if c in rated_codes}
+    assert rated and everything - fresh == rated and everything == set(retriever.index.ids.tolist())
+
+    unseen = retriever.retrieve(UNSEEN_USER, k=5)
+    assert len(unseen) == 5 and all(np.isfinite(s) for _, s in unseen)
+
+
+def test_two_stage_ranks_the_retrieved_candidates_with_the_dlrm(retriever, ranker):
+    from pipeline.retrieval import two_stage_recommend
+
+    top = two_stage_recommend(retriever, ranker, 7, k=10, candidates=40, exclude_rated=True)
+    candidates = {m for m, _ in retriever.retrieve(7, k=40, exclude_rated=True)}
+    assert len(top) == 10 and {m for m, _ in top} <= candidates
+    scores = ranker.predict(pd.DataFrame({"userId": 7, "movieId": sorted(candidates)}))
+    np.testing.assert_allclose([s for _, s in top], np.sort(scores)[::-1][:10], atol=1e-6)
+    # with every movie as a candidate, two-stage is the DLRM over everything
+    everything = two_stage_recommend(retriever, ranker, 7, k=10, candidates=len(retriever.index))
+    assert [m for m, _ in everything] == [m for m, _ in ranker.recommend(7, k=10)]
+
+
+def test_a_ranking_model_dir_is_not_a_retriever(etl_dir, model_dir):
+    from pipeline.errors import ArtifactError
+    from pipeline.retrieval import Retriever
+
+    with pytest.raises(ArtifactError, match="not a two-tower model"):
+        Retriever.load(etl_dir, model_dir)
+
+
+def test_the_model_dir_records_its_ranking_metrics_next_to_popularity(two_tower_dir):
+    metrics = json.loads((two_tower_dir / "metrics.json").read_text())
+    config = json.loads((two_tower_dir / "config.json").read_text())
+    assert config["model"] == "two-tower" and "genres" in config["candidate_features"]
+    assert set(metrics["valid"]) == {"recall@10", "recall@50", "ndcg@10", "map@10"}
+    for name in ("two-tower", "popularity"):
+        ranking = metrics["ranking"][name]
+        assert 0 < ranking["recall@10"] <= ranking["recall@50"] <= 1 and ranking["users"] > 100
+    assert len(metrics["epochs"]) == 4 and metrics["epochs"][-1]["train"]["loss"] < metrics["epochs"][0]["train"]["loss"]
