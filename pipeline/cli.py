@@ -24,6 +24,7 @@ STAGES = {
     "predict": ("pipeline.inference", "raw (userId, movieId) rows -> saved workflow -> saved model -> scores"),
     "serve": ("pipeline.serve", "HTTP API over the saved workflow and model"),
     "export": ("pipeline.export", "saved workflow + model -> one TF SavedModel scoring raw (userId, movieId)"),
+    "evaluate": ("pipeline.evaluate", "models -> Recall@10/50, NDCG@10, MAP@10 on the valid split, next to popularity"),
 }
 
 
