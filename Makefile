@@ -24,8 +24,8 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/python -m pipeline etl --dataset synthetic --out $(DATA)/etl --seed $(SEED)
 	$(BIN)/python -m pipeline train --data $(DATA)/etl --out $(DATA)/models/dlrm --seed $(SEED) $(if $(EPOCHS),--epochs $(EPOCHS))
-	$(BIN)/python -m pipeline predict --data $(DATA)/etl --model $(DATA)/models/dlrm \
-		--input examples/requests.csv --output $(DATA)/predictions.parquet
+	$(BIN)/python -m pipeline predict --data $(DATA)/etl --model-dir $(DATA)/models/dlrm \
+		--input examples/requests.csv --out $(DATA)/predictions.parquet
 
 test: setup
 	$(BIN)/python -m pytest -q

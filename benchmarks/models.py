@@ -50,7 +50,7 @@ sys.path.insert(0, str(HERE))
 from machine import describe_machine, write_results  # noqa: E402  (benchmarks/machine.py)
 
 RESULTS = HERE / "results"
-MODELS = ("dlrm", "dcn", "deepfm", "wide-deep", "mlp")
+from pipeline.registry import ARCHITECTURES as MODELS  # noqa: E402
 DATASETS = {  # name -> (flag, default ETL dir, default seeds)
     "ml-100k": ("--ml-100k", "scratch/etl-ml100k", 3),
     "synthetic ml-1m": ("--synthetic", "scratch/etl-synth", 1),
@@ -89,11 +89,13 @@ def _child(args) -> int:
 
 def _has_current_defaults(out_dir: Path) -> bool:
     """Whether the model dir was trained with the train stage's defaults as they are now (else it is retrained)."""
-    from pipeline.train import DEFAULTS
+    from dataclasses import asdict
+
+    from pipeline.train import TrainConfig
 
     config = json.loads((out_dir / "config.json").read_text())
-    for key, value in DEFAULTS.items():
-        if key in ("model", "seed") or key not in config:
+    for key, value in asdict(TrainConfig()).items():
+        if key in ("model", "seed", "targets") or key not in config:
             continue
         if key == "patience" and not config.get("early_stopping"):
             continue

@@ -26,6 +26,7 @@ quality.md (table + targets met / missed) and quality.png (valid AUC per dataset
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -47,7 +48,9 @@ from pipeline.datasets import read_oracle  # noqa: E402
 from pipeline.datasets.synthetic import generate_synthetic, read_synthetic_params, sample_movielens  # noqa: E402
 from pipeline.etl import split_ratings  # noqa: E402
 from pipeline.metrics import roc_auc  # noqa: E402
-from pipeline.train import DEFAULTS, selection_mask  # noqa: E402
+from pipeline.train import TrainConfig, selection_mask  # noqa: E402
+
+DEFAULTS = dataclasses.asdict(TrainConfig())  # recorded with every result
 
 logger = logging.getLogger("quality")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -112,7 +112,7 @@ def server_process(data: Path, model: Path, *extra: str):
     from pipeline.serve import free_port
 
     port = free_port()
-    command = [sys.executable, "-m", "pipeline", "serve", "--data", str(data), "--model", str(model),
+    command = [sys.executable, "-m", "pipeline", "serve", "--data", str(data), "--model-dir", str(model),
                "--host", "127.0.0.1", "--port", str(port), *extra]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

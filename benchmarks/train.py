@@ -72,12 +72,13 @@ def _optimizer(config: dict, steps_per_epoch: int):
 
 
 def stage_config(args) -> dict:
-    from pipeline.train import DEFAULTS
+    from pipeline.train import TrainConfig
 
+    defaults = TrainConfig()
     return {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
-            "learning_rate": DEFAULTS["learning_rate"], "embedding_dim": DEFAULTS["embedding_dim"],
-            "embeddings_l2": DEFAULTS["embeddings_l2"], "weight_decay": DEFAULTS["weight_decay"],
-            "lr_schedule": DEFAULTS.get("lr_schedule", "constant")}
+            "learning_rate": defaults.learning_rate, "embedding_dim": defaults.embedding_dim,
+            "embeddings_l2": defaults.embeddings_l2, "weight_decay": defaults.weight_decay,
+            "lr_schedule": defaults.lr_schedule}
 
 
 def epoch_timer(rows: int, records: list, marks: dict):

@@ -1,17 +1,21 @@
-"""Command line: ``python -m pipeline {etl,train,predict,serve} ...``.
+"""Command line: ``python -m pipeline {etl,train,predict,serve,export} ...``.
 
-Each stage module owns its arguments (``add_arguments(parser)``) and its entry point
-(``main(args) -> int``); this module only dispatches, importing only the chosen stage so that
-``etl`` does not pay for importing TensorFlow. A ``PipelineError`` or an ``OSError`` (a full or
-read-only disk, a missing directory) becomes a one-line message on stderr and exit status 2 (the CLI
-entry point is the one place that prints). SIGTERM unwinds like Ctrl-C, so a stage's temporary
-output is removed and the previous output stays in place.
+Each stage module owns its arguments (``add_arguments(parser)``) and its entry point (``main(args)``,
+returning its summary dict, or an exit status); this module only dispatches, importing only the chosen stage
+so that ``etl`` does not pay for importing TensorFlow. The summary is printed as JSON on stdout and is the
+only thing there (``... | jq`` works): logs, progress bars and Keras' progress go to stderr, and third-party
+noise is folded into one line (``pipeline.console``; ``--verbose`` shows it). A ``PipelineError`` or an
+``OSError`` (a full or read-only disk, a missing directory) becomes a one-line message on stderr and exit
+status 2 (the CLI entry point is the one place that prints). SIGTERM unwinds like Ctrl-C, so a stage's
+temporary output is removed and the previous output stays in place.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
 import logging
 import signal
 import sys
@@ -21,20 +25,33 @@ from pipeline.errors import PipelineError
 STAGES = {
     "etl": ("pipeline.etl", "raw MovieLens -> NVTabular workflow -> parquet + schema + saved workflow"),
     "train": ("pipeline.train", "ETL output -> schema-built model -> fit -> saved model + metrics"),
-    "predict": ("pipeline.inference", "raw (userId, movieId) rows -> saved workflow -> saved model -> scores"),
+    "predict": ("pipeline.inference.batch", "raw (userId, movieId) rows -> saved workflow -> saved model -> scores"),
     "serve": ("pipeline.serve", "HTTP API over the saved workflow and model"),
     "export": ("pipeline.export", "saved workflow + model -> one TF SavedModel scoring raw (userId, movieId)"),
     "evaluate": ("pipeline.evaluate", "models -> Recall@10/50, NDCG@10, MAP@10 on the valid split, next to popularity"),
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every default shown, except the empty ones (``None``, an off switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser. Only ``stage``'s module is imported to add its arguments (imports are slow)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and every third-party notice")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="{" + ",".join(STAGES) + "}")
     for name, (module_name, help_text) in STAGES.items():
-        stage_parser = sub.add_parser(name, help=help_text, description=help_text)
+        stage_parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        # also after the stage name (`train ... --verbose`); SUPPRESS keeps a global -v when absent here
+        stage_parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                  help="debug logging and every third-party notice")
         if name == stage:
             importlib.import_module(module_name).add_arguments(stage_parser)
         stage_parser.set_defaults(_module=module_name)
@@ -46,15 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     stage = next((a for a in argv if a in STAGES), None)
     parser = build_parser(stage)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    from pipeline import console
+
+    console.configure(args.verbose)
+    for note in getattr(args, "deprecations", None) or []:
+        logging.getLogger("pipeline").warning(note)
     signal.signal(signal.SIGTERM, _terminate)
     module = importlib.import_module(args._module)
     try:
-        return int(module.main(args) or 0)
+        with contextlib.redirect_stdout(sys.stderr):  # Keras' progress bars write to stdout
+            result = module.main(args)
     except PipelineError as err:
         logging.getLogger("pipeline").debug("stage failed", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
@@ -64,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
         _collect_quietly()
         return 2
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    return int(result or 0)
 
 
 def _collect_quietly() -> None:

@@ -13,10 +13,9 @@ import sys
 from collections.abc import Iterator
 
 from pipeline.errors import DeviceError
+from pipeline.registry import DEVICES
 
 logger = logging.getLogger(__name__)
-
-DEVICES = ("auto", "cpu", "gpu")
 
 
 def gpu_available() -> bool:

@@ -22,17 +22,19 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from pipeline.config import add_arguments as add_config_arguments
+from pipeline.config import from_args, setting
 from pipeline.errors import DataError, DeviceError, UsageError
+from pipeline.registry import DATASETS, DEVICES, SPLITS
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("ml-100k", "ml-1m", "ml-25m", "synthetic")
-SPLITS = ("random", "temporal", "official")
 DATA_DIR = Path("data")
 PHASES = ("read", "split", "fit", "transform_train", "transform_valid", "save")
 # Default partition size. NVTabular's fit transforms the whole first partition once more just to
@@ -136,26 +138,62 @@ def locate_raw(dataset: str, raw: Path | None, **synthetic_size) -> Path:
         raise DataError(f"no raw {dataset} files at {DATA_DIR / 'raw' / dataset} (or pass --raw PATH); {err}") from None
 
 
+@dataclass(frozen=True)
+class EtlConfig:
+    """Every setting of the ETL stage: ``run_etl``'s keywords and the CLI's flags (etl.json records them).
+
+    Args: see each field's help (``python -m pipeline etl --help`` prints them with their defaults).
+
+    Example:
+        >>> EtlConfig(split="temporal").valid_fraction
+        0.2
+    """
+
+    seed: int = setting(0, "seed of the split and the target-encoding folds")
+    valid_fraction: float = setting(0.2, "share of the ratings in valid (random and temporal splits)")
+    split: str = setting("random", "random (seeded), temporal (per user, the latest ratings are valid), "
+                                   "official (ml-100k's ua files)", choices=SPLITS)
+    device: str = setting("auto", "dataframe device (auto: cudf on a GPU when there is one)", choices=DEVICES)
+    workers: int | None = setting(None, "run on a local Dask cluster with N worker processes", metavar="N")
+    dask_scheduler: str | None = setting(None, "run on an existing Dask cluster (not with --workers)",
+                                         metavar="ADDRESS")
+    part_size: str | None = setting(None, "in-memory partition size, e.g. 64MB (one parquet file each)",
+                                    metavar="SIZE")
+    n_users: int | None = setting(None, "synthetic data: users (default: ML-1M's)")
+    n_movies: int | None = setting(None, "synthetic data: movies (default: ML-1M's)")
+    n_ratings: int | None = setting(None, "synthetic data: ratings (default: ML-1M's)")
+    data_seed: int | None = setting(None, "synthetic data: the generator's seed (default 0)")
+
+    def check(self) -> None:
+        """``UsageError`` naming the flag of the first setting that cannot run."""
+        if self.split not in SPLITS:
+            raise UsageError(f"unknown split {self.split!r}; expected one of {', '.join(SPLITS)}")
+        if self.workers is not None and self.dask_scheduler is not None:
+            raise UsageError("--workers and --dask-scheduler exclude each other: pick a local or an existing cluster")
+
+    @property
+    def synthetic_size(self) -> dict:
+        """The generator's size settings that were given (``generate_synthetic``'s names)."""
+        given = dict(n_users=self.n_users, n_movies=self.n_movies, n_ratings=self.n_ratings, seed=self.data_seed)
+        return {k: v for k, v in given.items() if v is not None}
+
+
 def run_etl(
     dataset: str,
     out: Path,
+    config: EtlConfig | None = None,
     *,
     raw: Path | None = None,
-    seed: int = 0,
-    valid_fraction: float = 0.2,
-    split: str = "random",
-    device: str = "auto",
-    workers: int | None = None,
-    dask_scheduler: str | None = None,
-    part_size: str | None = None,
     overwrite: bool = False,
-    **synthetic_size,
+    **settings,
 ) -> dict:
     """Run the whole ETL for ``dataset`` into ``out`` and return the summary also written to ``out/etl.json``.
 
+    ``config`` (default ``EtlConfig()``) with ``settings`` (any ``EtlConfig`` field by name) replaced.
+
     ``dataset``: ml-100k, ml-1m, ml-25m or synthetic (generated in ml-1m format into ``raw`` or
-    data/raw/synthetic, reused when its synthetic.json matches; ``synthetic_size`` = n_users, n_movies,
-    n_ratings, data_seed). ``split``: random | temporal | official (ml-100k only). ``device``: auto | cpu |
+    data/raw/synthetic, reused when its synthetic.json matches; sized by n_users, n_movies, n_ratings,
+    data_seed). ``split``: random | temporal | official (ml-100k only). ``device``: auto | cpu |
     gpu. ``workers`` / ``dask_scheduler``: run on a local / existing Dask cluster. ``part_size``: target
     in-memory size of a partition (e.g. "64MB"); each partition becomes one parquet file.
     ``out`` may hold a previous ETL output (it is replaced); any other existing path is refused unless
@@ -164,10 +202,13 @@ def run_etl(
     from pipeline.atomic import check_output
     from pipeline.device import dask_cluster, resolve_device
 
+    config = replace(config or EtlConfig(), **settings)
     if dataset not in DATASETS:
         raise UsageError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-    if split not in SPLITS:
-        raise UsageError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    config.check()
+    seed, valid_fraction, split, device = config.seed, config.valid_fraction, config.split, config.device
+    workers, dask_scheduler, part_size = config.workers, config.dask_scheduler, config.part_size
+    synthetic_size = config.synthetic_size
     out = Path(out)
     raw_candidates = [("--raw", raw)] if raw is not None else [
         ("the raw data", DATA_DIR / "raw" / dataset), ("the raw data", DATA_DIR / "raw" / f"{dataset}.zip")]
@@ -179,8 +220,6 @@ def run_etl(
     seconds: dict[str, float] = {}
     with _progress() as progress:
         with _phase("read", seconds, progress):
-            if "data_seed" in synthetic_size:
-                synthetic_size["seed"] = synthetic_size.pop("data_seed")
             raw_path = locate_raw(dataset, Path(raw) if raw is not None else None, **synthetic_size)
             check_output(out, stage="etl", flag="--out", is_previous_output=is_etl_output,
                          inputs=[("the raw data", raw_path)], overwrite=overwrite)
@@ -213,8 +252,10 @@ def run_etl(
                 dask_cluster(device, workers=workers, scheduler=dask_scheduler):
             fit_dir = tmp / ".fit"
             workflow = movielens_workflow(variant, movielens.movies, movielens.users, out_path=fit_dir, seed=seed)
-            train_set = merlin.io.Dataset(train, npartitions=n_parts, cpu=cpu)
-            valid_set = merlin.io.Dataset(valid, npartitions=_partitions(valid, n_part_bytes), cpu=cpu)
+            from pipeline.cluster import cluster_dataset  # on a cluster: partitions sent to the workers once
+
+            train_set = cluster_dataset(train, n_parts, cpu=cpu)
+            valid_set = cluster_dataset(valid, _partitions(valid, n_part_bytes), cpu=cpu)
 
             with _phase("fit", seconds, progress), out_of_fold(workflow):
                 workflow.fit(train_set)
@@ -388,49 +429,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out even if it is not a previous ETL output (never the raw data)")
     parser.add_argument("--raw", type=Path, help="raw folder or original zip (default: data/raw/<dataset>)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the target-encoding folds")
-    parser.add_argument("--valid-fraction", type=float, default=0.2, help="share of ratings in valid (default 0.2)")
-    parser.add_argument("--split", choices=SPLITS, default="random",
-                        help="random (seeded), temporal (per user, latest ratings are valid), official (ml-100k ua)")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="dataframe device")
-    cluster = parser.add_mutually_exclusive_group()
-    cluster.add_argument("--workers", type=int, help="run on a local Dask cluster with N worker processes")
-    cluster.add_argument("--dask-scheduler", metavar="ADDRESS", help="run on an existing Dask cluster")
-    parser.add_argument(
-        "--part-size", metavar="SIZE", help="in-memory partition size, e.g. 64MB (one parquet file each)"
-    )
-    synthetic = parser.add_argument_group("synthetic data size (--dataset synthetic; default: ML-1M's)")
-    synthetic.add_argument("--n-users", type=int)
-    synthetic.add_argument("--n-movies", type=int)
-    synthetic.add_argument("--n-ratings", type=int)
-    synthetic.add_argument("--data-seed", type=int, help="generator seed (default 0)")
+    add_config_arguments(parser, EtlConfig, group="ETL settings")
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> dict:
     _skip_tensorflow_import()
     import pipeline  # noqa: F401  (dask configuration before nvtabular)
 
-    size_options = ("n_users", "n_movies", "n_ratings", "data_seed")
-    sizes = {k: getattr(args, k) for k in size_options if getattr(args, k) is not None}
-    summary = run_etl(
-        args.dataset,
-        args.out,
-        raw=args.raw,
-        seed=args.seed,
-        valid_fraction=args.valid_fraction,
-        split=args.split,
-        device=args.device,
-        workers=args.workers,
-        dask_scheduler=args.dask_scheduler,
-        part_size=args.part_size,
-        overwrite=args.overwrite,
-        **sizes,
-    )
+    summary = run_etl(args.dataset, args.out, from_args(EtlConfig, args), raw=args.raw, overwrite=args.overwrite)
     rows = summary["rows"]
-    print(f"wrote {args.out}: train {rows['train']:,} rows, valid {rows['valid']:,} rows, "
-          f"{len(summary['columns'])} columns; {summary['seconds']['total']:.1f} s "
-          f"({', '.join(f'{k} {v:.1f}' for k, v in summary['seconds'].items() if k != 'total')})")
-    return 0
+    message = (f"wrote {args.out}: train {rows['train']:,} rows, valid {rows['valid']:,} rows, "
+               f"{len(summary['columns'])} columns; {summary['seconds']['total']:.1f} s "
+               f"({', '.join(f'{k} {v:.1f}' for k, v in summary['seconds'].items() if k != 'total')})")
+    return {"out": str(args.out), "summary": message, **summary}
 
 
 if __name__ == "__main__":  # pragma: no cover - the CLI is `python -m pipeline etl`

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.config import add_renamed
 from pipeline.errors import ArtifactError
 
 if TYPE_CHECKING:
@@ -226,15 +227,14 @@ def export_raw_model(predictor: "Predictor", out: str | Path | None = None, *, o
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="ETL output dir (holds workflow/)")
-    parser.add_argument("--model", required=True, type=Path, help="model dir written by `train`")
+    add_renamed(parser, "--model-dir", ("--model",), required=True, type=Path, help="model dir written by `train`")
     parser.add_argument("--out", type=Path, default=None, help=f"output dir (default MODEL_DIR/{EXPORT_DIR})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out that is not an earlier export")
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> dict:
     from pipeline.inference import Predictor
 
-    predictor = Predictor.load(args.data, args.model)
-    print(json.dumps(export_raw_model(predictor, args.out, overwrite=args.overwrite), indent=1))
-    return 0
+    predictor = Predictor.load(args.data, args.model_dir)
+    return export_raw_model(predictor, args.out, overwrite=args.overwrite)

@@ -60,7 +60,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from pipeline.errors import DataError, PipelineError
+from pipeline.config import add_arguments as add_config_arguments
+from pipeline.config import add_renamed, from_args, setting
+from pipeline.errors import DataError, PipelineError, UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -1107,48 +1109,57 @@ def mixed_load(url: str, pairs: pd.DataFrame, *, clients: int = 20, requests_per
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ServeConfig:
+    """The settings of the HTTP service (``python -m pipeline serve --help`` shows them with their defaults).
+
+    Example:
+        >>> ServeConfig(port=9000).request_timeout_s
+        10.0
+    """
+
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8000, "port")
+    max_batch_rows: int = setting(65_536, "rows merged into one model call by the micro-batcher")
+    feature_cache: bool = setting(True, "look known ids' features up in the feature cache (--no-feature-cache: "
+                                        "run every request through the serving graph)")
+    max_delay_ms: float = setting(0.0, "how long the micro-batcher waits for more requests (0: merge what is queued)")
+    request_timeout_s: float = setting(10.0, "a request still unscored after this long gets a 504")
+    max_body_bytes: int = setting(DEFAULT_MAX_BODY_BYTES, "larger request bodies get a 413 before parsing")
+    read_timeout_s: float = setting(10.0, "close a connection whose request has not fully arrived after this long")
+    keep_alive_s: float = setting(5.0, "close an idle kept-alive connection after this long")
+    shutdown_timeout_s: float = setting(30.0, "on SIGTERM, wait at most this long for requests in flight")
+    access_log: bool = setting(True, "log one JSON line per request (--no-access-log: don't)")
+    raw_graph: bool = setting(True, "score /predict with the raw-request graph (--no-raw-graph: with "
+                                    "Predictor.predict; same scores)")
+    tf_threads: int = setting(1, "TensorFlow intra- and inter-op threads (1: micro-batches are small, and the "
+                                 "other core serves HTTP; 0: TensorFlow's default)")
+
+    def check(self) -> None:
+        """``UsageError`` naming the flag of the first setting that cannot serve."""
+        for name in ("max_batch_rows", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("request_timeout_s", "read_timeout_s", "keep_alive_s", "shutdown_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="ETL output dir (holds workflow/ and train/)")
-    parser.add_argument("--model", required=True, help="model dir written by `train`")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--max-batch-rows", type=int, default=65_536,
-                        help="rows merged into one model call by the micro-batcher (default 65536)")
-    parser.add_argument("--no-feature-cache", action="store_true",
-                        help="run every request through the serving graph instead of the feature cache")
-    parser.add_argument("--max-delay-ms", type=float, default=0.0,
-                        help="how long the micro-batcher waits for more requests (default 0: merge what is queued)")
-    parser.add_argument("--request-timeout-s", type=float, default=10.0,
-                        help="a request still unscored after this long gets a 504 (default 10)")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                        help=f"larger request bodies get a 413 before parsing (default {DEFAULT_MAX_BODY_BYTES})")
-    parser.add_argument("--read-timeout-s", type=float, default=10.0,
-                        help="close a connection whose request has not fully arrived after this long (default 10)")
-    parser.add_argument("--keep-alive-s", type=float, default=5.0,
-                        help="close an idle kept-alive connection after this long (default 5)")
-    parser.add_argument("--shutdown-timeout-s", type=float, default=30.0,
-                        help="on SIGTERM, wait at most this long for requests in flight (default 30)")
-    parser.add_argument("--no-access-log", action="store_true", help="do not log one JSON line per request")
-    parser.add_argument("--no-raw-graph", action="store_true",
-                        help="score /predict with Predictor.predict instead of the raw-request graph (same scores)")
-    parser.add_argument("--tf-threads", type=int, default=1,
-                        help="TensorFlow intra- and inter-op threads (default 1: micro-batches are small, and the "
-                             "other core serves HTTP; 0: TensorFlow's default)")
+    add_renamed(parser, "--model-dir", ("--model",), required=True, help="model dir written by `train`")
+    add_config_arguments(parser, ServeConfig, group="service settings")
 
 
 def main(args: argparse.Namespace) -> int:
-    for name in ("max_batch_rows", "max_body_bytes"):
-        if getattr(args, name) < 1:
-            raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("request_timeout_s", "read_timeout_s", "keep_alive_s", "shutdown_timeout_s"):
-        if not getattr(args, name) > 0:
-            raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    sock = bind_socket(args.host, args.port)  # before the slow model load: a taken port fails at once
-    if args.tf_threads > 0:
+    config = from_args(ServeConfig, args)
+    config.check()
+    sock = bind_socket(config.host, config.port)  # before the slow model load: a taken port fails at once
+    if config.tf_threads > 0:
         import tensorflow as tf
 
-        tf.config.threading.set_intra_op_parallelism_threads(args.tf_threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.tf_threads)
+        tf.config.threading.set_intra_op_parallelism_threads(config.tf_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(config.tf_threads)
     from pipeline.inference import Predictor
 
     # Access lines are JSON documents on their own: no timestamp / level prefix around them.
@@ -1156,15 +1167,15 @@ def main(args: argparse.Namespace) -> int:
     handler.setFormatter(logging.Formatter("%(message)s"))
     access_logger.addHandler(handler)
     access_logger.propagate = False
-    access_logger.setLevel(logging.WARNING if args.no_access_log else logging.INFO)
+    access_logger.setLevel(logging.INFO if config.access_log else logging.WARNING)
 
-    predictor = Predictor.load(args.data, args.model, feature_cache=not args.no_feature_cache)
-    app = create_app(predictor, max_batch_rows=args.max_batch_rows, max_delay=args.max_delay_ms / 1000,
-                     request_timeout=args.request_timeout_s, max_body_bytes=args.max_body_bytes,
-                     access_log=not args.no_access_log, raw_graph=not args.no_raw_graph)
-    server = _uvicorn_server(app, read_timeout=args.read_timeout_s, keep_alive=args.keep_alive_s,
-                             shutdown_timeout=args.shutdown_timeout_s)
-    print(f"serving {args.model} with the workflow of {args.data} on http://{args.host}:{args.port}", flush=True)
+    predictor = Predictor.load(args.data, args.model_dir, feature_cache=config.feature_cache)
+    app = create_app(predictor, max_batch_rows=config.max_batch_rows, max_delay=config.max_delay_ms / 1000,
+                     request_timeout=config.request_timeout_s, max_body_bytes=config.max_body_bytes,
+                     access_log=config.access_log, raw_graph=config.raw_graph)
+    server = _uvicorn_server(app, read_timeout=config.read_timeout_s, keep_alive=config.keep_alive_s,
+                             shutdown_timeout=config.shutdown_timeout_s)
+    logger.info("serving %s with the workflow of %s on http://%s:%s", args.model_dir, args.data, config.host, config.port)
     server.run(sockets=[sock])
-    print("server stopped", flush=True)
+    logger.info("server stopped")
     return 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -29,15 +28,24 @@ import os
 import re
 import shutil
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipeline.atomic import check_output, replace_dir
 from pipeline.errors import ArtifactError, DataError, TrainingDiverged, UsageError
+from pipeline.config import add_arguments as add_config_arguments
+from pipeline.config import from_args, setting
 from pipeline.manifest import read_manifest, write_manifest
+from pipeline.registry import ARCHITECTURES
+from pipeline.schema import SUMMARY_FIELDS, schema_fingerprint, schema_summary
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("dlrm", "dcn", "deepfm", "wide-deep", "mlp")  # --model; see _build_model
+LR_SCHEDULES = ("cosine", "constant", "plateau")
+DECAY_REFERENCE_STEPS = 100  # --weight-decay holds as given up to this many steps per epoch (ML-100K: 80)
+SELECT_MAX_ROWS = 100_000  # enough for a stable AUC; more only slows every epoch
+
+
 # Early stopping on a held-out slice of the training rows sets the number of epochs (--epochs is only a cap),
 # so nothing else depends on it: a constant learning rate, and decoupled weight decay (AdamW) as the one
 # regularizer. Measured with early stopping (valid AUC of the picked epoch; tuning data: real ML-100K's ub split
@@ -46,15 +54,80 @@ MODELS = ("dlrm", "dcn", "deepfm", "wide-deep", "mlp")  # --model; see _build_mo
 # 0.771 (same as constant); without the title and zipcode embeddings 0.754 (their dot products with the user
 # embedding learn the user x movie affinity sooner); 32-wide embeddings no better (0.757 at weight decay 1.0).
 # benchmarks/results/quality.md has the figures of these defaults on every benchmark dataset.
-DEFAULTS = dict(model="dlrm", epochs=50, batch_size=1024, learning_rate=2e-3, embedding_dim=16, embeddings_l2=0.0,
-                weight_decay=3.0, lr_schedule="constant", seed=0, early_stopping=True, patience=3, select_fraction=0.1,
-                exclude_features=())
-LR_SCHEDULES = ("cosine", "constant", "plateau")
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of the train stage: ``train_model``'s keywords, the CLI's flags, config.json's fields.
+
+    Args: see each field's help (``python -m pipeline train --help`` prints them with their defaults).
+
+    Example:
+        >>> config = TrainConfig(epochs=3, embedding_dim=32)
+        >>> config.epochs, config.model, config.weight_decay
+        (3, 'dlrm', 3.0)
+    """
+
+    model: str = setting("dlrm", "model architecture, built from the schema", flag="--arch",
+                         choices=ARCHITECTURES, old_flags=("--model",))
+    epochs: int = setting(50, "the most epochs to train (early stopping usually ends sooner)")
+    batch_size: int = setting(1024, "rows per training step")
+    learning_rate: float = setting(2e-3, "the optimizer's learning rate")
+    embedding_dim: int = setting(16, "width of every embedding (and of the bottom MLP's output)")
+    embeddings_l2: float = setting(0.0, "L2 penalty on the embeddings used in each batch (0 to disable)")
+    weight_decay: float = setting(3.0, "AdamW decoupled weight decay on every weight (0: plain Adam), as given up "
+                                       f"to {DECAY_REFERENCE_STEPS} steps per epoch, scaled by "
+                                       f"sqrt({DECAY_REFERENCE_STEPS} / steps) above")
+    lr_schedule: str = setting("constant", "constant; cosine: decay to 5%% of --learning-rate over all epochs; "
+                                           "plateau: halve it after each epoch without a better selection AUC",
+                               choices=LR_SCHEDULES)
+    seed: int = setting(0, "seeds the weights, the shuffling and the selection rows")
+    early_stopping: bool = setting(True, "stop after --patience epochs without a better AUC on the selection rows "
+                                         "and publish the best epoch (--epochs is the cap)")
+    patience: int = setting(3, "epochs without a better selection AUC before stopping")
+    select_fraction: float = setting(0.1, "share of the training rows held out of fitting to pick the epoch "
+                                          f"(seeded hash of userId, movieId; at most {SELECT_MAX_ROWS:,} rows; "
+                                          "0: none, publish the last epoch)")
+    targets: tuple[str, ...] | None = setting(None, "target column to predict (repeat for multi-task; the first is "
+                                                    "the one scored); default: every target, binary ones first",
+                                              flag="--target", metavar="COLUMN")
+    exclude_features: tuple[str, ...] = setting((), "input column to leave out of the model (repeatable)",
+                                                flag="--exclude-feature", metavar="COLUMN")
+
+    def __post_init__(self) -> None:
+        for name in ("targets", "exclude_features"):  # lists from callers; a frozen config holds tuples
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
+    def check(self) -> None:
+        """``UsageError`` naming the flag of the first setting that cannot train a model."""
+        if self.model not in ARCHITECTURES:
+            raise UsageError(f"--arch {self.model!r} is not one of {', '.join(ARCHITECTURES)}")
+        if self.epochs < 1:
+            raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.embedding_dim < 1:
+            raise UsageError(f"--embedding-dim must be at least 1, got {self.embedding_dim}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise UsageError(f"--learning-rate must be a positive finite number, got {self.learning_rate}")
+        for flag, value in (("--weight-decay", self.weight_decay), ("--embeddings-l2", self.embeddings_l2)):
+            if not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UsageError(f"--lr-schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not (math.isfinite(self.select_fraction) and 0.0 <= self.select_fraction < 0.5):
+            raise UsageError(f"--select-fraction must be in [0, 0.5), got {self.select_fraction}")
+        if self.lr_schedule == "plateau" and self.select_fraction == 0:
+            raise UsageError("--lr-schedule plateau needs selection rows (--select-fraction > 0)")
+        if self.early_stopping and self.select_fraction == 0:
+            raise UsageError("early stopping needs selection rows: --select-fraction > 0, or --no-early-stopping")
+        if self.patience < 1:
+            raise UsageError(f"--patience must be at least 1, got {self.patience}")
+
+
 PLATEAU_FACTOR = 0.5  # "plateau": the learning rate after each epoch without a better selection AUC
 CHECKPOINTS = "checkpoints"
 HOLDOUT = "holdout"  # the fit / select parquet copies of the training split, inside MODEL_DIR.partial
-SELECT_MAX_ROWS = 100_000  # enough for a stable AUC; more only slows every epoch
-DECAY_REFERENCE_STEPS = 100  # --weight-decay holds as given up to this many steps per epoch (ML-100K: 80)
 # errno values that mean "the disk is full" (ENOSPC), "over quota", or a file-size limit (EFBIG).
 OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -73,56 +146,6 @@ def is_model_dir(path: Path) -> bool:
         return "schema_fingerprint" in json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
-
-
-def check_settings(*, epochs: int, batch_size: int, learning_rate: float, embedding_dim: int,
-                   embeddings_l2: float, weight_decay: float, lr_schedule: str, model: str) -> None:
-    """``UsageError`` naming the flag of the first setting that cannot train a model."""
-    if model not in MODELS:
-        raise UsageError(f"--model {model!r} is not one of {', '.join(MODELS)}")
-    if epochs < 1:
-        raise UsageError(f"--epochs must be at least 1, got {epochs}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be positive, got {batch_size}")
-    if embedding_dim < 1:
-        raise UsageError(f"--embedding-dim must be at least 1, got {embedding_dim}")
-    if not (math.isfinite(learning_rate) and learning_rate > 0):
-        raise UsageError(f"--learning-rate must be a positive finite number, got {learning_rate}")
-    for flag, value in (("--weight-decay", weight_decay), ("--embeddings-l2", embeddings_l2)):
-        if not (math.isfinite(value) and value >= 0):
-            raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
-    if lr_schedule not in LR_SCHEDULES:
-        raise UsageError(f"--lr-schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-
-
-# --------------------------------------------------------------------------- schema fingerprint
-def schema_fingerprint(schema) -> str:
-    """A hash of the model-facing part of a merlin ``Schema``: every non-target column's name, kind
-    (int / float / string), list-ness, tags and cardinality.
-
-    Two schemas with the same fingerprint feed a model identically. Inference compares the saved
-    workflow's output schema against the fingerprint recorded at training time (config.json).
-    Storage details (bit width, file paths of category tables) are deliberately left out.
-    """
-    from merlin.schema import Tags
-
-    rows = []
-    for col in schema.excluding_by_tag(Tags.TARGET):
-        sizes = col.properties.get("embedding_sizes") or {}
-        card = sizes.get("cardinality")
-        if card is None and col.int_domain is not None and Tags.CATEGORICAL in col.tags:
-            card = None if col.int_domain.max is None else col.int_domain.max + 1
-        rows.append(
-            [
-                col.name,
-                col.dtype.element_type.value if col.dtype is not None else None,
-                bool(col.is_list),
-                sorted(str(getattr(t, "value", t)) for t in col.tags),
-                None if card is None else int(card),
-            ]
-        )
-    rows.sort(key=lambda r: r[0])
-    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -213,20 +236,6 @@ def _open_split(data_dir: Path, split: str):
     return dataset
 
 
-def _schema_rows(schema) -> dict[str, tuple]:
-    """What a model is built from, per column: kind, list-ness, tags, cardinality."""
-    rows = {}
-    for col in schema:
-        sizes = col.properties.get("embedding_sizes") or {}
-        rows[col.name] = (
-            col.dtype.element_type.value if col.dtype is not None else None,
-            bool(col.is_list),
-            tuple(sorted(str(getattr(t, "value", t)) for t in col.tags)),
-            sizes.get("cardinality"),
-        )
-    return rows
-
-
 def _check_schema_files(path: Path, schema) -> None:
     """``DataError`` when ``schema.pbtxt`` and ``.merlin/schema.json`` of one split disagree.
 
@@ -242,12 +251,12 @@ def _check_schema_files(path: Path, schema) -> None:
         pbtxt = TensorflowMetadata.from_proto_text_file(str(path), file_name="schema.pbtxt").to_merlin_schema()
     except Exception as err:  # a hand-edited file that does not parse
         raise DataError(f"{path / 'schema.pbtxt'}: cannot be parsed ({err})") from err
-    ours, theirs = _schema_rows(pbtxt), _schema_rows(schema)
+    ours, theirs = schema_summary(pbtxt), schema_summary(schema)
     for name in sorted(set(ours) | set(theirs)):
         if ours.get(name) != theirs.get(name):
             raise DataError(
                 f"{path / 'schema.pbtxt'} and {path / '.merlin' / 'schema.json'} disagree on column {name!r} "
-                f"((kind, is_list, tags, cardinality) {ours.get(name)} vs {theirs.get(name)}): merlin reads the "
+                f"({SUMMARY_FIELDS} {ours.get(name)} vs {theirs.get(name)}): merlin reads the "
                 "second; make them agree (or delete .merlin/ to use schema.pbtxt alone)"
             )
 
@@ -268,8 +277,8 @@ def model_schema(schema, exclude_features):
 def _build_model(name: str, schema, embedding_dim: int, targets: list[str] | None, embeddings_l2: float):
     import pipeline.models as mm
 
-    if name not in MODELS:
-        raise UsageError(f"unknown model {name!r}; choose one of {MODELS}")
+    if name not in ARCHITECTURES:
+        raise UsageError(f"unknown architecture {name!r}; choose one of {ARCHITECTURES}")
     if targets is None:
         targets = default_targets(schema)
     heads = mm.outputs_from_schema(schema, targets)
@@ -485,27 +494,18 @@ def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, list[dict]] | None:
 def train_model(
     data_dir: Path,
     out_dir: Path,
+    config: TrainConfig | None = None,
     *,
-    model: str = DEFAULTS["model"],
-    epochs: int = DEFAULTS["epochs"],
-    batch_size: int = DEFAULTS["batch_size"],
-    learning_rate: float = DEFAULTS["learning_rate"],
-    embedding_dim: int = DEFAULTS["embedding_dim"],
-    embeddings_l2: float = DEFAULTS["embeddings_l2"],
-    weight_decay: float = DEFAULTS["weight_decay"],
-    lr_schedule: str = DEFAULTS["lr_schedule"],
-    seed: int = DEFAULTS["seed"],
-    early_stopping: bool = DEFAULTS["early_stopping"],
     resume: bool = False,
-    targets: list[str] | None = None,
     overwrite: bool = False,
     verbose: int | str = "auto",
-    select_fraction: float = DEFAULTS["select_fraction"],
-    patience: int = DEFAULTS["patience"],
     trace_valid: bool = False,
-    exclude_features: tuple[str, ...] | list[str] = DEFAULTS["exclude_features"],
+    **settings,
 ) -> dict:
-    """Train ``model`` on ``data_dir``/train, validate on ``data_dir``/valid, write ``out_dir``.
+    """Train ``config.model`` on ``data_dir``/train, validate on ``data_dir``/valid, write ``out_dir``.
+
+    ``config`` (default ``TrainConfig()``) with ``settings`` (any ``TrainConfig`` field by name, e.g.
+    ``epochs=3``) replaced holds every training setting; the others are how this run is carried out.
 
     Model selection never reads the valid split: a seeded ``select_fraction`` of the training rows (at most
     ``SELECT_MAX_ROWS``) is held out of fitting, scored after every epoch, and picks the epoch that is
@@ -521,16 +521,11 @@ def train_model(
     import pipeline  # noqa: F401  (dask settings before merlin)
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    check_settings(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, embedding_dim=embedding_dim,
-                   embeddings_l2=embeddings_l2, weight_decay=weight_decay, lr_schedule=lr_schedule, model=model)
-    if not (math.isfinite(select_fraction) and 0.0 <= select_fraction < 0.5):
-        raise UsageError(f"--select-fraction must be in [0, 0.5), got {select_fraction}")
-    if lr_schedule == "plateau" and select_fraction == 0:
-        raise UsageError("--lr-schedule plateau needs selection rows (--select-fraction > 0)")
-    if early_stopping and select_fraction == 0:
-        raise UsageError("early stopping needs selection rows: --select-fraction > 0, or --no-early-stopping")
-    if patience < 1:
-        raise UsageError(f"--patience must be at least 1, got {patience}")
+    config = replace(config or TrainConfig(), **settings)
+    config.check()
+    model, epochs, batch_size, seed = config.model, config.epochs, config.batch_size, config.seed
+    learning_rate, weight_decay, lr_schedule = config.learning_rate, config.weight_decay, config.lr_schedule
+    early_stopping, patience, select_fraction = config.early_stopping, config.patience, config.select_fraction
     work = out_dir.with_name(out_dir.name + ".partial")
     for path, flag in ((out_dir, "--out"), (work, "--out (its .partial build dir)")):
         check_output(path, stage="train", flag=flag, is_previous_output=is_model_dir if path == out_dir else _is_partial,
@@ -553,12 +548,10 @@ def train_model(
     import keras
     import tensorflow as tf
 
-    config = {
-        "model": model, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-        "embedding_dim": embedding_dim, "embeddings_l2": embeddings_l2, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
-        "seed": seed,
-        "early_stopping": early_stopping, "patience": patience if early_stopping else None,
-        "select_fraction": select_fraction, "exclude_features": list(exclude_features),
+    record = {
+        **asdict(config),
+        "patience": patience if early_stopping else None,
+        "exclude_features": list(config.exclude_features),
         "data_dir": str(data_dir.resolve()), "schema_fingerprint": fingerprint, "etl_run_id": etl_run,
     }
     history: list[dict] = []
@@ -584,14 +577,15 @@ def train_model(
         if initial_epoch >= epochs:
             logger.info("already trained for %d epochs (asked for %d): nothing to fit", initial_epoch, epochs)
     else:
-        net = _build_model(model, model_schema(schema, exclude_features), embedding_dim, targets, embeddings_l2)  # schema errors surface before any output
+        net = _build_model(model, model_schema(schema, config.exclude_features), config.embedding_dim,
+                           list(config.targets) if config.targets else None, config.embeddings_l2)  # schema errors surface before any output
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
-    config["targets"] = net.target_names
-    config["features"] = net.input_feature_names()
+    record["targets"] = net.target_names
+    record["features"] = net.input_feature_names()
     (work / CHECKPOINTS).mkdir(exist_ok=True)
-    (work / CHECKPOINTS / "config.json").write_text(json.dumps(config, indent=2))
+    (work / CHECKPOINTS / "config.json").write_text(json.dumps(record, indent=2))
 
     primary = net.heads[0]
     # the selection metric: the scored head's AUC on the selection rows (the total loss for a regression head)
@@ -691,7 +685,7 @@ def train_model(
         "targets": net.target_names,
     }
     try:
-        _write_outputs(net, work, data_dir, config, metrics)
+        _write_outputs(net, work, data_dir, record, metrics)
         # the predictor loads only a model dir whose checksums match, with the ETL run it names
         write_manifest(work, stage="train", etl_run_id=etl_run)
     except OSError as err:
@@ -789,41 +783,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model dir to write; a previous model there is replaced atomically")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out even if it is not a previous model dir (never the --data dir)")
-    parser.add_argument("--model", choices=MODELS, default=DEFAULTS["model"])
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
-    parser.add_argument("--embedding-dim", type=int, default=DEFAULTS["embedding_dim"])
-    parser.add_argument("--embeddings-l2", type=float, default=DEFAULTS["embeddings_l2"],
-                        help="L2 penalty on the embeddings used in each batch (0 to disable)")
-    parser.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"],
-                        help="AdamW decoupled weight decay on every weight (0: plain Adam), as given up to "
-                             f"{DECAY_REFERENCE_STEPS} steps per epoch, scaled by sqrt({DECAY_REFERENCE_STEPS} / steps) above")
-    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=DEFAULTS["lr_schedule"],
-                        help="cosine: decay the learning rate to 5%% of --learning-rate over all epochs")
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    parser.add_argument("--target", action="append", dest="targets", default=None,
-                        help="target column to predict (repeat for multi-task; the first is the one scored); "
-                             "default: every target of the schema, binary ones first")
-    parser.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=DEFAULTS["early_stopping"],
-                        help="stop after --patience epochs without a better AUC on the selection rows and publish "
-                             "the best epoch (default: on; --epochs is the cap)")
-    parser.add_argument("--patience", type=int, default=DEFAULTS["patience"])
-    parser.add_argument("--select-fraction", type=float, default=DEFAULTS["select_fraction"],
-                        help="share of the training rows held out of fitting to pick the epoch (seeded hash of "
-                             f"userId, movieId; at most {SELECT_MAX_ROWS:,} rows; 0: none, publish the last epoch)")
     parser.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+    add_config_arguments(parser, TrainConfig, group="training settings")
 
 
-def main(args: argparse.Namespace) -> int:
-    metrics = train_model(
-        args.data, args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, embedding_dim=args.embedding_dim, embeddings_l2=args.embeddings_l2,
-        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, seed=args.seed,
-        early_stopping=args.early_stopping, resume=args.resume, targets=args.targets, overwrite=args.overwrite,
-        select_fraction=args.select_fraction, patience=args.patience,
-    )
+def main(args: argparse.Namespace) -> dict:
+    metrics = train_model(args.data, args.out, from_args(TrainConfig, args), resume=args.resume,
+                          overwrite=args.overwrite)
     last = metrics["epochs"][-1] if metrics["epochs"] else {}
-    print(json.dumps({"model_dir": str(args.out), "valid": metrics["valid"],
-                      "last_epoch_samples_per_second": last.get("samples_per_second")}, indent=2))
-    return 0
+    return {"model_dir": str(args.out), "valid": metrics["valid"], "best_epoch": metrics["best_epoch"],
+            "last_epoch_samples_per_second": last.get("samples_per_second")}

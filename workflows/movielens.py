@@ -45,7 +45,8 @@ from nvtabular import ops  # noqa: E402
 
 from pipeline.ops import ColumnTags, FillUnknown, KFoldTargetEncoding, ListValueCount  # noqa: E402
 
-VARIANTS = ("ml-100k", "ml-1m", "ml-25m")
+from pipeline.registry import VARIANTS  # noqa: E402
+
 TARGET = "rating"
 USER_FEATURES = ("gender", "age", "occupation", "zipcode")
 ITEM_FEATURES = ("title", "genres")

@@ -5,7 +5,7 @@ Shared by the readers (which validate against them) and the synthetic generator 
 
 from __future__ import annotations
 
-VARIANTS = ("ml-100k", "ml-1m", "ml-25m")
+from pipeline.registry import VARIANTS  # noqa: F401  (re-exported: the readers validate against it)
 
 # The 18 genres of ml-1m / ml-25m, in ml-100k's u.genre order (ml-100k adds "unknown" at index 0).
 GENRES = (
