@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from pipeline.inference import Predictor
+    from pipeline.retrieval import Retriever
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger(__name__ + ".access")
@@ -536,8 +537,13 @@ class RequestGuard:
 
 def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_delay: float = 0.0,
                request_timeout: float = 10.0, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               access_log: bool = True, raw_graph: bool = True) -> "FastAPI":
+               access_log: bool = True, raw_graph: bool = True, retriever: "Retriever | None" = None,
+               candidates: int = 200) -> "FastAPI":
     """The FastAPI application serving ``predictor`` (the batcher runs for the app's lifetime).
+
+    ``retriever`` (a two-tower ``pipeline.retrieval.Retriever``): ``/recommend`` answers two-stage by default,
+    ``candidates`` movies retrieved over the whole catalog and ranked by ``predictor``'s model; without it (or with
+    ``path=rank-all``) the model scores every movie.
 
     ``raw_graph``: score micro-batches with ``raw_scorer`` (checked against the predictor at startup)
     instead of ``predictor.predict``.
@@ -568,6 +574,11 @@ def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_dela
             await asyncio.wait_for(asyncio.wrap_future(batcher.submit(_warmup_frame(predictor))), 120)
         except Exception:  # e.g. non-finite scores: the server still starts, and /healthz says what is wrong
             logger.exception("the warm-up request failed")
+        if retriever is not None:
+            try:  # the ranker's first call at the candidate batch size traces its graph
+                await asyncio.to_thread(_two_stage, int(retriever.users[0]), 10, False)
+            except Exception:
+                logger.exception("the two-stage warm-up request failed")
         status["ready"] = True
         try:
             yield
@@ -645,19 +656,36 @@ def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_dela
         # Written directly: FastAPI's response validation of a list of floats costs more than the scoring.
         return Response(json.dumps({"scores": scores.tolist()}), media_type="application/json")
 
+    def _two_stage(user: int, k: int, exclude_rated: bool):
+        from pipeline.retrieval import two_stage_recommend
+
+        return two_stage_recommend(retriever, predictor, user, k, candidates=candidates, exclude_rated=exclude_rated)
+
     @app.get("/recommend")
     async def recommend(
         userId: int = Query(..., ge=0, le=MAX_ID, description="raw MovieLens userId"),
         k: int = Query(10, ge=1, le=10_000, description="how many movies"),
         exclude_rated: bool = Query(False, description="drop movies the user rated in the training data"),
+        path: str | None = Query(None, pattern="^(two-stage|rank-all)$",
+                                 description="two-stage (retrieval, then ranking; the default with --retrieval) or "
+                                             "rank-all (the model scores every movie; the default without)"),
     ) -> dict[str, Any]:
         if not batcher.alive:
             raise ServiceUnavailable("the scoring thread is not running")
-        items = await within_timeout(run_in_threadpool(predictor.recommend, userId, k, exclude_rated), "recommend")
+        path = path or ("two-stage" if retriever is not None else "rank-all")
+        if path == "two-stage" and retriever is None:
+            raise DataError("path=two-stage needs a retrieval model: start the service with --retrieval MODEL_DIR")
+        if path == "two-stage":
+            items = await within_timeout(run_in_threadpool(_two_stage, userId, k, exclude_rated), "recommend")
+        else:
+            items = await within_timeout(run_in_threadpool(predictor.recommend, userId, k, exclude_rated), "recommend")
         if not all(np.isfinite(s) for _, s in items):
             batcher.nonfinite += 1
             raise NonFiniteScores(f"the model returned non-finite scores for userId {userId}")
-        return {"userId": userId, "items": [{"movieId": m, "score": s} for m, s in items]}
+        answer = {"userId": userId, "path": path, "items": [{"movieId": m, "score": s} for m, s in items]}
+        if path == "two-stage":
+            answer["candidates"] = candidates
+        return answer
 
     def health() -> str | None:
         """Why the service is not healthy, or None."""
@@ -687,6 +715,9 @@ def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_dela
                        "batches": batcher.batches, "requests": batcher.requests, "cancelled": batcher.cancelled,
                        "failed_batches": batcher.failed_batches, "nonfinite": batcher.nonfinite,
                        "scorer": "raw-request graph" if batcher.score is not None else "Predictor.predict"},
+            "retrieval": None if retriever is None else {
+                "model_dir": str(retriever.predictor.model_dir), "index": type(retriever.index).__name__,
+                "movies": len(retriever.index), "dims": retriever.index.dim, "candidates": candidates},
         }
 
     @app.get("/metrics")
@@ -1145,8 +1176,24 @@ class ServeConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
 
+def _load_retriever(args: argparse.Namespace, *, feature_cache: bool):
+    """``--retrieval``'s two-tower ``Retriever`` over the workflow of ``--data``, or None."""
+    if args.candidates < 1:
+        raise UsageError(f"--candidates must be positive, got {args.candidates}")
+    if args.retrieval is None:
+        return None
+    from pipeline.retrieval import Retriever
+
+    return Retriever.load(args.data, args.retrieval, feature_cache=feature_cache)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="ETL output dir (holds workflow/ and train/)")
+    parser.add_argument("--retrieval", default=None, metavar="MODEL_DIR",
+                        help="a two-tower model dir: /recommend retrieves --candidates movies with it and ranks them "
+                             "with the --model-dir model (two-stage); path=rank-all still scores every movie")
+    parser.add_argument("--candidates", type=int, default=200,
+                        help="two-stage /recommend: movies retrieved for the ranking model (default 200)")
     add_renamed(parser, "--model-dir", ("--model",), required=True, help="model dir written by `train`")
     add_config_arguments(parser, ServeConfig, group="service settings")
 
@@ -1170,9 +1217,11 @@ def main(args: argparse.Namespace) -> int:
     access_logger.setLevel(logging.INFO if config.access_log else logging.WARNING)
 
     predictor = Predictor.load(args.data, args.model_dir, feature_cache=config.feature_cache)
+    retriever = _load_retriever(args, feature_cache=config.feature_cache)
     app = create_app(predictor, max_batch_rows=config.max_batch_rows, max_delay=config.max_delay_ms / 1000,
                      request_timeout=config.request_timeout_s, max_body_bytes=config.max_body_bytes,
-                     access_log=config.access_log, raw_graph=config.raw_graph)
+                     access_log=config.access_log, raw_graph=config.raw_graph,
+                     retriever=retriever, candidates=args.candidates)
     server = _uvicorn_server(app, read_timeout=config.read_timeout_s, keep_alive=config.keep_alive_s,
                              shutdown_timeout=config.shutdown_timeout_s)
     logger.info("serving %s with the workflow of %s on http://%s:%s", args.model_dir, args.data, config.host, config.port)
