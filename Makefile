@@ -10,10 +10,12 @@ EPOCHS ?=
 
 .PHONY: setup run test lock clean
 
-$(STAMP): requirements/lock.txt pyproject.toml
+$(STAMP): requirements/lock.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv==0.13.9
-	$(BIN)/uv pip sync -q -p $(BIN)/python requirements/lock.txt
+	# --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set (it is on this project's machines) nothing caches
+	# bytecode, and every process recompiled TensorFlow's and pandas' sources: 17.3 s vs 6.4 s to import tensorflow.
+	$(BIN)/uv pip sync -q --compile-bytecode -p $(BIN)/python requirements/lock.txt
 	$(BIN)/uv pip install -q -p $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 

@@ -123,7 +123,7 @@ def locate_raw(dataset: str, raw: Path | None, **synthetic_size) -> Path:
             return Path(raw)  # an existing synthetic dir, whatever its size
         return generate_synthetic(raw or DATA_DIR / "raw" / "synthetic", fmt="ml-1m", **synthetic_size)
     if synthetic_size:
-        raise DataError(f"size options {sorted(synthetic_size)} only apply to --dataset synthetic")
+        raise UsageError(f"size options {sorted(synthetic_size)} only apply to --dataset synthetic")
     if raw is not None:
         return Path(raw)
     for candidate in (DATA_DIR / "raw" / dataset, DATA_DIR / "raw" / f"{dataset}.zip"):
@@ -168,6 +168,8 @@ class EtlConfig:
         """``UsageError`` naming the flag of the first setting that cannot run."""
         if self.split not in SPLITS:
             raise UsageError(f"unknown split {self.split!r}; expected one of {', '.join(SPLITS)}")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise UsageError(f"--valid-fraction must be between 0 and 1 (exclusive), got {self.valid_fraction}")
         if self.workers is not None and self.dask_scheduler is not None:
             raise UsageError("--workers and --dask-scheduler exclude each other: pick a local or an existing cluster")
 
