@@ -32,10 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-from machine import describe_machine, write_results  # benchmarks/machine.py (the script's own folder is on sys.path)
+from machine import add_results_argument, describe_machine, write_results  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 
 
 # -- memory sampling --------------------------------------------------------------------------------
@@ -297,7 +296,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-ratings", type=int, default=None, help="synthetic size (default: ML-1M's 1,000,209)")
     parser.add_argument("--raw", type=Path, help="existing ml-1m-format raw dir (default: generated)")
-    parser.add_argument("--results", type=Path, default=RESULTS / "etl")
+    add_results_argument(parser)
     parser.add_argument("--repeat", type=int, default=2, help="interleaved runs of each contender; best is reported")
     parser.add_argument("--child", choices=("ours", "merlin"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -341,7 +340,7 @@ def main() -> None:
     meta["repeat"] = args.repeat
     meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
     text = report(results, meta)
-    write_results(args.results, {"meta": meta, "best": results, "runs": runs}, text)
+    write_results(args.results / "etl", {"meta": meta, "best": results, "runs": runs}, text)
     print(text)
 
 

@@ -28,6 +28,18 @@ def describe_machine() -> dict:
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
+COMMITTED_RESULTS = Path(__file__).resolve().parent / "results"  # the figures the README quotes
+SCRATCH_RESULTS = Path(__file__).resolve().parent.parent / "scratch" / "benchmarks"  # git-ignored
+
+
+def add_results_argument(parser) -> None:
+    """``--results DIR`` (every benchmark): where its .json / .md / .png go. The default is a scratch dir, so a
+    trial run never overwrites the committed figures; ``--results benchmarks/results`` updates them."""
+    parser.add_argument("--results", type=Path, default=SCRATCH_RESULTS,
+                        help="directory for the results (default: scratch/benchmarks/, git-ignored; "
+                             "benchmarks/results/ holds the committed figures)")
+
+
 def write_results(stem: Path, report: dict, markdown: str) -> None:
     """Write ``stem``.json (every figure) and ``stem``.md (their table), creating the folder."""
     import json

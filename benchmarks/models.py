@@ -47,9 +47,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from machine import describe_machine, write_results  # noqa: E402  (benchmarks/machine.py)
+from machine import add_results_argument, describe_machine, write_results  # noqa: E402  (benchmarks/machine.py)
 
-RESULTS = HERE / "results"
 from pipeline.registry import ARCHITECTURES as MODELS  # noqa: E402
 DATASETS = {  # name -> (flag, default ETL dir, default seeds)
     "ml-100k": ("--ml-100k", "scratch/etl-ml100k", 3),
@@ -379,7 +378,7 @@ def main() -> int:
                             help=f"seeds 0..N-1 on {name} (default {seeds})")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: all)")
     parser.add_argument("--work", type=Path, default=Path("scratch/models-bench"), help="where the model dirs go")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="results dir (default benchmarks/results/)")
+    add_results_argument(parser)
     parser.add_argument("--retrain", action="store_true", help="train again even where a complete run is in --work")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once (default 1; 2 shares the cores between two runs, so speeds are lower)")

@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from machine import describe_machine, write_results  # benchmarks/machine.py (the script's own folder is on sys.path)
+from machine import add_results_argument, describe_machine, write_results  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 import numpy as np
 import pandas as pd
@@ -307,7 +307,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=ROOT / "data" / "bench-serve" / "model")
     parser.add_argument("--requests", type=int, default=500, help="one-pair requests timed per path")
     parser.add_argument("--batch-rows", type=int, default=1_000_000, help="rows for the batch predict run")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_results_argument(parser)
     args = parser.parse_args()
 
     import logging
@@ -358,7 +358,7 @@ def main() -> int:
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report = {**info, "results": results}
 
-    write_results(args.out / "serve", report, render(report))
+    write_results(args.results / "serve", report, render(report))
     print(render(report))
     return 0
 

@@ -41,7 +41,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-RESULTS = Path(__file__).resolve().parent / "results"
+from machine import add_results_argument  # noqa: E402  (benchmarks/machine.py)
 MERLIN_PYTHON = ROOT / ".venv-merlin" / "bin" / "python"
 MERLIN_HARNESS = ROOT.parent / "shared" / "merlin-reference" / "merlin_reference.py"
 
@@ -376,7 +376,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2, help="rounds; every run once per round, interleaved")
     parser.add_argument("--runs", default=",".join([*RUNS, *TRIALS]), help="comma list of " + ", ".join([*RUNS, *TRIALS]))
     parser.add_argument("--scratch", type=Path, default=ROOT / "scratch" / "bench-train")
-    parser.add_argument("--out", type=Path, default=RESULTS / "train.json")
+    add_results_argument(parser)
     parser.add_argument("--ours", default="ours_memory",
                         help="the run that is the shipped configuration (compared with Merlin for the targets)")
     parser.add_argument("--append", action="store_true",
@@ -395,8 +395,8 @@ def main() -> int:
     report = {"command": " ".join(["python", *sys.argv]), "machine": describe_machine(), "config": stage_config(args),
               "data": {"path": str(args.data), **json.loads((args.data / "etl.json").read_text())["rows"]},
               "merlin_epochs": args.merlin_epochs, "rounds": []}
-    if args.append and args.out.exists():
-        earlier = json.loads(args.out.read_text())
+    if args.append and (args.results / 'train.json').exists():
+        earlier = json.loads((args.results / 'train.json').read_text())
         report["rounds"] = earlier["rounds"]
         report["command"] = f"{earlier['command']}; then {report['command']}"
         report["machine"]["load_average_earlier_rounds"] = earlier["machine"]["load_average"]
@@ -411,7 +411,7 @@ def main() -> int:
         report["targets"] = targets(report["summary"], args.ours, "ours_memory")
         report["ours"] = args.ours
         report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-        write_results(args.out.with_suffix(""), report, render(report))  # after every round: nothing lost
+        write_results(args.results / "train", report, render(report))  # after every round: nothing lost
     print(render(report))
     return 0
 
