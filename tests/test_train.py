@@ -91,7 +91,8 @@ def test_published_model_is_the_best_epoch_on_the_selection_rows(model_dir, etl_
                                   checkpoint.predict(features, verbose=0)["rating_binary"])
 
 
-def test_selection_rows_are_a_seeded_slice_of_train_and_the_valid_split_cannot_change_the_model(etl_copy, tmp_path):
+def test_selection_rows_are_a_seeded_slice_of_train_and_the_valid_split_cannot_change_the_model(straight_run, etl_splits,
+                                                                                               tmp_path):
     """The selection slice depends on the seed only; corrupting every valid label changes the reported AUC
     and nothing else: the same epochs, the same selection AUCs, the same weights."""
     from pipeline.train import selection_mask
@@ -101,22 +102,23 @@ def test_selection_rows_are_a_seeded_slice_of_train_and_the_valid_split_cannot_c
     np.testing.assert_array_equal(mask, selection_mask(users, movies, 7, 0.1))
     assert abs(mask.mean() - 0.1) < 0.005 and (mask != selection_mask(users, movies, 8, 0.1)).any()
 
-    # each run in its own process: within one process a second run does not reproduce the first exactly
-    def train(out: Path) -> dict:
-        done = subprocess.run(_train_cli(etl_copy, out), capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads((out / "metrics.json").read_text())
-
-    honest = train(tmp_path / "honest")
+    # each run in its own process: within one process a second run does not reproduce the first exactly.
+    # The honest run is the module's uninterrupted CLI run (same settings, same train and valid files).
+    honest_dir, _ = straight_run
+    honest = json.loads((honest_dir / "metrics.json").read_text())
+    etl_copy = tmp_path / "etl"
+    shutil.copytree(etl_splits, etl_copy)
     valid = read_split(etl_copy, "valid")
     flipped = valid.assign(rating_binary=1 - valid["rating_binary"], rating=6.0 - valid["rating"])
     rewrite_split(etl_copy, "valid", flipped, load_schema(etl_copy / "valid"))
-    cheated = train(tmp_path / "cheated")
+    done = subprocess.run(_train_cli(etl_copy, tmp_path / "cheated"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cheated = json.loads((tmp_path / "cheated" / "metrics.json").read_text())
     assert [e["select"] for e in cheated["epochs"]] == [e["select"] for e in honest["epochs"]]
     assert cheated["best_epoch"] == honest["best_epoch"]
     assert cheated["valid"]["auc"] == pytest.approx(1.0 - honest["valid"]["auc"], abs=0.01)
-    np.testing.assert_array_equal(predict_valid(tmp_path / "cheated", etl_copy), 
-                                  predict_valid(tmp_path / "honest", etl_copy))
+    np.testing.assert_array_equal(predict_valid(tmp_path / "cheated", etl_copy),
+                                  predict_valid(honest_dir, etl_copy))
 
 
 def test_saved_model_export_scores_like_the_keras_model(model_dir, etl_dir):
@@ -165,10 +167,30 @@ def test_resume_extends_a_finished_run(etl_dir, tmp_path):
 
 def _train_cli(etl_dir: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "train", "--data", str(etl_dir), "--out", str(out), "--epochs", "3",
-            "--batch-size", "2048", "--seed", "5", *extra]
+            "--batch-size", "2048", "--embedding-dim", "8", "--seed", "5", *extra]
 
 
-def test_same_seed_same_model_and_a_killed_run_resumes_where_it_stopped(etl_dir, tmp_path):
+@pytest.fixture(scope="module")
+def etl_splits(etl_dir, tmp_path_factory) -> Path:
+    """train/ and valid/ of the session's ETL output, copied once for this module's CLI runs; never modified."""
+    copy = tmp_path_factory.mktemp("etl_splits") / "etl"
+    shutil.copytree(etl_dir / "train", copy / "train")
+    shutil.copytree(etl_dir / "valid", copy / "valid")
+    return copy
+
+
+@pytest.fixture(scope="module")
+def straight_run(etl_splits, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``(model dir, finished process)`` of one uninterrupted ``python -m pipeline train`` (``_train_cli``) on
+    ``etl_splits``, in its own process: the reference run of the resume and model-selection tests and the
+    CLI test's run (each training run costs a fresh process, so they share this one)."""
+    out = tmp_path_factory.mktemp("straight") / "straight"
+    done = subprocess.run(_train_cli(etl_splits, out), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+def test_same_seed_same_model_and_a_killed_run_resumes_where_it_stopped(straight_run, etl_splits, tmp_path):
     """kill -9 after the first epoch's checkpoint, then --resume: the same model as an uninterrupted run
     with the same seed (weights, cosine schedule, optimizer state and shuffles continue). Each run is its
     own process, as in use: within one process a second run does not reproduce the first exactly."""
@@ -176,7 +198,7 @@ def test_same_seed_same_model_and_a_killed_run_resumes_where_it_stopped(etl_dir,
     import time
 
     killed = tmp_path / "killed"
-    run = subprocess.Popen(_train_cli(etl_dir, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(_train_cli(etl_splits, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed.with_name("killed.partial") / "checkpoints" / "epoch_001.keras"
     deadline = time.monotonic() + 300
     while not first.exists() and run.poll() is None and time.monotonic() < deadline:
@@ -185,16 +207,15 @@ def test_same_seed_same_model_and_a_killed_run_resumes_where_it_stopped(etl_dir,
     run.wait()
     assert first.exists() and not killed.exists()  # stopped mid-run, nothing in place
 
-    resumed = subprocess.run(_train_cli(etl_dir, killed, "--resume"), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_train_cli(etl_splits, killed, "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = subprocess.run(_train_cli(etl_dir, tmp_path / "straight"), capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight, _ = straight_run
 
     resumed_metrics = json.loads((killed / "metrics.json").read_text())
-    straight_metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    straight_metrics = json.loads((straight / "metrics.json").read_text())
     assert [e["epoch"] for e in resumed_metrics["epochs"]] == [1, 2, 3]
     assert resumed_metrics["valid"] == straight_metrics["valid"]
-    np.testing.assert_array_equal(predict_valid(killed, etl_dir), predict_valid(tmp_path / "straight", etl_dir))
+    np.testing.assert_array_equal(predict_valid(killed, etl_splits), predict_valid(straight, etl_splits))
     assert resumed_metrics["epochs"][0]["select"] == straight_metrics["epochs"][0]["select"]  # epoch 1 ran before the kill
     assert resumed_metrics["best_epoch"] == straight_metrics["best_epoch"]
 
@@ -280,18 +301,12 @@ def test_missing_feature_and_dtype_mismatch_are_named(etl_copy, model_dir):
         train_model(etl_copy, etl_copy.parent / "m")
 
 
-def test_cli_trains_a_model(etl_dir, tmp_path):
-    out = tmp_path / "cli_model"
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train", "--data", str(etl_dir), "--out", str(out), "--epochs", "1",
-         "--batch-size", "2048", "--embedding-dim", "16", "--seed", "1"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_cli_trains_a_model(straight_run):
+    """``python -m pipeline train`` prints its summary (JSON) and honours its flags (the module's CLI run)."""
+    out, done = straight_run
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["valid"]["auc"] > 0.5
-    assert json.loads((out / "config.json").read_text())["embedding_dim"] == 16
-
+    assert json.loads((out / "config.json").read_text())["embedding_dim"] == 8  # --embedding-dim, not the default 16
 
 
 def biased_mf_auc(train: pd.DataFrame, valid: pd.DataFrame, select: np.ndarray, rank: int = 8) -> float:
