@@ -254,10 +254,8 @@ def run_etl(
                 dask_cluster(device, workers=workers, scheduler=dask_scheduler):
             fit_dir = tmp / ".fit"
             workflow = movielens_workflow(variant, movielens.movies, movielens.users, out_path=fit_dir, seed=seed)
-            from pipeline.cluster import cluster_dataset  # on a cluster: partitions sent to the workers once
-
-            train_set = cluster_dataset(train, n_parts, cpu=cpu)
-            valid_set = cluster_dataset(valid, _partitions(valid, n_part_bytes), cpu=cpu)
+            train_set = merlin.io.Dataset(train, npartitions=n_parts, cpu=cpu)
+            valid_set = merlin.io.Dataset(valid, npartitions=_partitions(valid, n_part_bytes), cpu=cpu)
 
             with _phase("fit", seconds, progress), out_of_fold(workflow):
                 workflow.fit(train_set)
