@@ -1,5 +1,5 @@
 """Every prebuilt ranking model, built from the schema alone, trained by the train stage, reloaded in a
-fresh process with identical predictions."""
+fresh process with identical predictions. (The blocks themselves: tests/models/test_<module>.py.)"""
 
 from __future__ import annotations
 
@@ -33,27 +33,6 @@ def test_each_architecture_trains_from_the_schema_and_learns(trained, name):
     assert config["model"] == name and config["targets"] == ["rating_binary", "rating"]
     assert metrics["valid"]["auc"] > 0.55, metrics["valid"]  # a model that learns nothing scores 0.5
     assert np.isfinite(metrics["valid"]["rating_rmse"])
-
-
-def test_the_blocks_do_what_their_docstrings_say():
-    from keras import ops
-
-    import pipeline.models as mm
-
-    a, b, c = np.array([[1.0, 2.0]]), np.array([[3.0, -1.0]]), np.array([[0.5, 0.5]])
-    pairs = a @ b.T + a @ c.T + b @ c.T
-    np.testing.assert_allclose(ops.convert_to_numpy(mm.FMBlock()({"a": a, "b": b, "c": c})), pairs, rtol=1e-6)
-
-    wide = mm.WideBlock({"user": {"cardinality": 5}, "genres": {"cardinality": 4, "is_list": True}},
-                        crosses=[("user", "user")], cross_buckets=7, continuous=["te"])
-    batch = {"user": np.array([[1], [2]]), "genres": np.array([[1, 3, 0], [0, 0, 0]]), "te": np.array([[0.5], [2.0]])}
-    assert ops.convert_to_numpy(wide(batch)).tolist() == [[0.0], [0.0]]  # zero-initialised: no prior
-    wide.id_weights["user"].embeddings.assign(np.arange(5, dtype="float32")[:, None])
-    wide.id_weights["genres"].embeddings.assign(np.array([[9.0], [1.0], [10.0], [100.0]], dtype="float32"))
-    wide.cross_weights[0].embeddings.assign(np.arange(7, dtype="float32")[:, None] * 1000)
-    wide.linear.kernel.assign([[10.0]])
-    # user weight + genre weights of the non-padding ids + cross (u * 5 + u) % 7 * 1000 + 10 * te
-    assert ops.convert_to_numpy(wide(batch)).tolist() == [[1 + 101 + 6000 + 5], [2 + 0 + 5000 + 20]]
 
 
 def test_models_reload_in_a_fresh_process_with_identical_predictions(trained, etl_dir, tmp_path):

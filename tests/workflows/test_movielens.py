@@ -1,4 +1,4 @@
-"""The MovieLens workflow and our operators on small hand-made frames (the RawMovieLens shapes)."""
+"""The MovieLens workflow on small hand-made frames (the RawMovieLens shapes). Our operators alone: tests/ops/."""
 
 from __future__ import annotations
 
@@ -10,12 +10,8 @@ import pipeline  # noqa: F401  (dask config before nvtabular)
 import nvtabular as nvt  # noqa: E402
 from merlin.schema import Tags  # noqa: E402
 
-from pipeline.ops import KFoldTargetEncoding, out_of_fold  # noqa: E402
-from pipeline.ops.target_encoding import fold_ids  # noqa: E402
+from pipeline.ops import out_of_fold  # noqa: E402
 from workflows.movielens import movielens_workflow  # noqa: E402
-
-P_SMOOTH = 20
-
 
 def side_tables(n_users=60, n_movies=40, seed=0):
     rng = np.random.default_rng(seed)
@@ -140,48 +136,6 @@ def test_unseen_user_and_movie_land_on_out_of_vocabulary_rows(fitted):
     assert out["TE_userId_rating"].iloc[1] == out["TE_userId_rating"].iloc[2]
     assert out["TE_movieId_rating"].iloc[0] == out["TE_movieId_rating"].iloc[2]
     assert np.isfinite(out.filter(like="TE_").to_numpy()).all()
-
-
-def encode(op: KFoldTargetEncoding, frame: pd.DataFrame, column: str) -> np.ndarray:
-    from merlin.dag import ColumnSelector
-
-    return op.transform(ColumnSelector([column]), frame)[f"TE_{column}_rating"].to_numpy()
-
-
-def test_kfold_target_encoding_matches_nvtabular_smoothing_and_is_out_of_fold():
-    users, movies = side_tables()
-    train = ratings_for(users, movies, n=1200, seed=1)
-    workflow = nvt.Workflow(["userId", "movieId"] >> KFoldTargetEncoding("rating", kfold=5, p_smooth=P_SMOOTH, seed=7))
-    workflow.fit(nvt.Dataset(train))
-    op = workflow.output_node.op
-    mean = train["rating"].mean()
-
-    # Full-train statistics: NVTabular's formula, no rating column needed.
-    stats = train.groupby("userId")["rating"].agg(["sum", "count"])
-    expected = ((stats["sum"] + P_SMOOTH * mean) / (stats["count"] + P_SMOOTH)).reindex(train["userId"]).to_numpy()
-    np.testing.assert_allclose(encode(op, train[["userId", "movieId"]], "userId"), expected, rtol=1e-5)
-
-    # Out-of-fold: each row's encoding uses only rows of the other folds.
-    op.out_of_fold = True
-    folds = fold_ids(train, ["userId", "movieId"], 5, 7)
-    assert set(np.unique(folds)) == set(range(5))
-    got = encode(op, train, "userId")
-    op.out_of_fold = False
-    for row in range(0, len(train), 97):
-        others = train[(folds != folds[row]) & (train["userId"] == train["userId"].iloc[row])]["rating"]
-        want = (others.sum() + P_SMOOTH * mean) / (len(others) + P_SMOOTH)
-        assert got[row] == pytest.approx(want, rel=1e-5)
-    assert not np.allclose(got, expected)
-
-
-def test_fold_of_a_row_does_not_depend_on_batch_composition():
-    users, movies = side_tables()
-    frame = ratings_for(users, movies, n=500)
-    folds = fold_ids(frame, ["userId", "movieId"], 5, 0)
-    shuffled = frame.sample(frac=1.0, random_state=1)
-    np.testing.assert_array_equal(fold_ids(shuffled, ["userId", "movieId"], 5, 0), folds[shuffled.index.to_numpy()])
-    np.testing.assert_array_equal(fold_ids(frame.iloc[100:130], ["userId", "movieId"], 5, 0), folds[100:130])
-    assert (fold_ids(frame, ["userId", "movieId"], 5, 1) != folds).any()  # the seed matters
 
 
 def test_movies_without_genres_give_empty_lists(tmp_path):

@@ -1,0 +1,135 @@
+"""Block-library fixtures: a tiny in-memory schema shaped like the ETL output, a 5-row batch of it, and the
+shared layer round-trip check (Keras' ``run_layer_test``) that every layer test uses. No ETL, no files."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from merlin.schema import ColumnSchema, Schema, Tags
+
+import pipeline  # noqa: F401  (dask settings before merlin)
+
+# name: (cardinality incl. the reserved pad/null/OOV rows, the schema's suggested embedding width)
+CATEGORICAL = {"userId": (41, 8), "movieId": (31, 8), "title": (31, 8), "genres": (7, 4), "gender": (4, 2),
+               "age": (9, 3), "occupation": (23, 4), "zipcode": (21, 4)}
+CONTINUOUS = ["TE_userId_rating", "TE_movieId_rating", "TE_gender_rating", "TE_age_rating", "TE_occupation_rating",
+              "TE_zipcode_rating"]
+ROWS = 5
+
+
+def _categorical(name: str) -> ColumnSchema:
+    cardinality, dim = CATEGORICAL[name]
+    tags = [Tags.CATEGORICAL]
+    tags += {"userId": [Tags.USER_ID, Tags.USER, Tags.ID], "movieId": [Tags.ITEM_ID, Tags.ITEM, Tags.ID]}.get(name, [])
+    return ColumnSchema(name, tags=tags, dtype="int64", is_list=name == "genres", is_ragged=False,
+                        properties={"embedding_sizes": {"cardinality": cardinality, "dimension": dim},
+                                    "domain": {"min": 0, "max": cardinality - 1}})
+
+
+@pytest.fixture(scope="session")
+def tiny_schema() -> Schema:
+    """The ETL output's columns and tags (8 categorical incl. the ``genres`` list, 6 target encodings, the
+    binary and the regression target), with small cardinalities."""
+    return Schema(
+        [_categorical(name) for name in CATEGORICAL]
+        + [ColumnSchema(name, tags=[Tags.CONTINUOUS], dtype="float32") for name in CONTINUOUS]
+        + [ColumnSchema("rating_binary", tags=[Tags.TARGET, Tags.BINARY_CLASSIFICATION], dtype="int64"),
+           ColumnSchema("rating", tags=[Tags.TARGET, Tags.REGRESSION], dtype="float32")]
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_batch() -> dict[str, np.ndarray]:
+    """5 rows of ``tiny_schema``'s features: ids ``(5, 1)`` (never 0, the padding row), ``genres`` ``(5, 3)``
+    padded with 0 (one row has none), target encodings ``(5, 1)``."""
+    rng = np.random.default_rng(0)
+    batch = {name: rng.integers(1, card, size=(ROWS, 1)) for name, (card, _) in CATEGORICAL.items() if name != "genres"}
+    batch["genres"] = np.array([[1, 3, 0], [2, 0, 0], [4, 5, 6], [0, 0, 0], [6, 1, 0]])
+    batch.update({name: rng.normal(size=(ROWS, 1)).astype("float32") for name in CONTINUOUS})
+    return batch
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class LayerModel(keras.Model):
+    """A one-layer model, so a lone layer can go through a ``.keras`` file."""
+
+    def __init__(self, layer, **kwargs):
+        super().__init__(**kwargs)
+        self.layer = layer
+
+    def call(self, inputs, training=False):
+        self._recorded_inputs = _spec(inputs)
+        return self.layer(inputs, training=training)
+
+    def get_build_config(self):
+        return {"input_spec": self._recorded_inputs}
+
+    def build_from_config(self, config):
+        # blocks create their weights when first called: one batch of zeros shaped as the saved inputs
+        self(_zeros(config["input_spec"]))
+
+    def get_config(self):
+        return {**super().get_config(), "layer": keras.saving.serialize_keras_object(self.layer)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.saving.deserialize_keras_object(config.pop("layer")), **config)
+
+
+def _spec(inputs):
+    """``[shape, dtype]`` of every array in ``inputs`` (a dict, list or one array), kept for reloading."""
+    if isinstance(inputs, dict):
+        return {name: _spec(value) for name, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return [_spec(value) for value in inputs]
+    return [[int(d) for d in inputs.shape], keras.backend.standardize_dtype(inputs.dtype)]
+
+
+def _zeros(spec):
+    """Zeros shaped as ``LayerModel``'s recorded inputs: ``[shape, dtype]`` leaves in a dict, list or alone."""
+    if isinstance(spec, dict):
+        return {name: _zeros(value) for name, value in spec.items()}
+    if isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], str):
+        return np.zeros(spec[0], dtype=spec[1])
+    return [_zeros(value) for value in spec]
+
+
+def _numpy(outputs):
+    return keras.tree.map_structure(lambda x: np.asarray(keras.ops.convert_to_numpy(x)), outputs)
+
+
+def _assert_same(actual, expected):
+    keras.tree.assert_same_structure(actual, expected)
+    for a, e in zip(keras.tree.flatten(actual), keras.tree.flatten(expected)):
+        np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
+
+
+def _round_trip(layer, inputs, tmp_dir) -> dict:
+    """Keras' ``run_layer_test`` for our layers: call ``layer`` on ``inputs``; rebuild it from its
+    ``get_config`` (same class, same config again, same outputs with the same weights); save it in a
+    ``.keras`` file and load it back (same outputs). Returns the layer's outputs as numpy."""
+    config = keras.saving.serialize_keras_object(layer)  # before the first call, as a user's config is
+    clone = keras.saving.deserialize_keras_object(config)
+    assert type(clone) is type(layer)
+    assert keras.saving.serialize_keras_object(clone)["config"] == config["config"]
+    expected = _numpy(layer(inputs))
+    clone(inputs)
+    clone.set_weights(layer.get_weights())
+    _assert_same(_numpy(clone(inputs)), expected)
+
+    path = tmp_dir / f"{type(layer).__name__}.keras"
+    wrapped = LayerModel(layer)
+    wrapped(inputs)
+    wrapped.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded.layer) is type(layer)
+    _assert_same(_numpy(loaded(inputs)), expected)
+    return expected
+
+
+@pytest.fixture()
+def round_trip(tmp_path):
+    """``round_trip(layer, inputs)``: the shared layer check (config, save/load, same outputs); returns the
+    outputs."""
+    return lambda layer, inputs: _round_trip(layer, inputs, tmp_path)
