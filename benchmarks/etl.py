@@ -32,7 +32,11 @@ import threading
 import time
 from pathlib import Path
 
-from machine import add_results_argument, describe_machine, write_results  # benchmarks/machine.py (the script's own folder is on sys.path)
+from machine import (  # benchmarks/machine.py (the script's own folder is on sys.path)
+    add_results_argument,
+    describe_machine,
+    write_results,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,9 +107,10 @@ def run_ours(raw: Path, work: Path, sampler: RssSampler) -> dict:
     import logging
 
     sys.modules.setdefault("tensorflow", None)  # as the CLI does: the ETL never uses TF (merlin imports it)
-    import pipeline  # noqa: F401
     import merlin.io  # noqa: F401  (imported before the clock starts, as in the Merlin recipe)
     import nvtabular  # noqa: F401
+
+    import pipeline  # noqa: F401
     from pipeline.etl import run_etl
     from pipeline.ops import KFoldTargetEncoding  # noqa: F401
     from workflows.movielens import movielens_workflow  # noqa: F401
@@ -133,12 +138,13 @@ def run_ours(raw: Path, work: Path, sampler: RssSampler) -> dict:
 
 def run_merlin(raw: Path, work: Path, sampler: RssSampler) -> dict:
     sys.modules.setdefault("tensorflow", None)  # same import conditions as ours
-    import pipeline  # noqa: F401  (the dask settings merlin needs on this stack)
     import numpy as np
     import nvtabular as nvt
     import pandas as pd
     from merlin.io import Dataset
     from nvtabular import ops
+
+    import pipeline  # noqa: F401  (the dask settings merlin needs on this stack)
 
     phases = Phases(sampler)
     out = work / "merlin"

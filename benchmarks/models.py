@@ -50,6 +50,7 @@ sys.path.insert(0, str(HERE))
 from machine import add_results_argument, describe_machine, write_results  # noqa: E402  (benchmarks/machine.py)
 
 from pipeline.registry import ARCHITECTURES as MODELS  # noqa: E402
+
 DATASETS = {  # name -> (flag, default ETL dir, default seeds)
     "ml-100k": ("--ml-100k", "scratch/etl-ml100k", 3),
     "synthetic ml-1m": ("--synthetic", "scratch/etl-synth", 1),
@@ -144,8 +145,8 @@ def train_in_fresh_process(data_dir: Path, out_dir: Path, model: str, seed: int,
 def mf_baselines(data_dir: Path) -> dict:
     """quality.py's user + movie biases and biased MF (rank 8, lambda 5, ALS on the stars) on the ETL's own rows."""
     import pandas as pd
-
     from quality import alternating_ridge  # benchmarks/quality.py
+
     from pipeline.metrics import roc_auc
 
     def read(split):

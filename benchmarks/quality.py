@@ -42,8 +42,9 @@ from scipy.stats import norm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import pipeline  # noqa: E402,F401  (dask settings before merlin)
 from machine import describe_machine, write_results  # noqa: E402  (benchmarks/machine.py)
+
+import pipeline  # noqa: E402,F401  (dask settings before merlin)
 from pipeline.datasets import read_oracle  # noqa: E402
 from pipeline.datasets.synthetic import generate_synthetic, read_synthetic_params, sample_movielens  # noqa: E402
 from pipeline.etl import split_ratings  # noqa: E402

@@ -36,10 +36,13 @@ import threading
 import time
 from pathlib import Path
 
-from machine import add_results_argument, describe_machine, write_results  # benchmarks/machine.py (the script's own folder is on sys.path)
-
 import numpy as np
 import pandas as pd
+from machine import (  # benchmarks/machine.py (the script's own folder is on sys.path)
+    add_results_argument,
+    describe_machine,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -86,14 +89,14 @@ def transform_comparison(cached, pairs: pd.DataFrame, user_rows: pd.DataFrame, r
     out = {}
     for label, frame, n in (("one_pair", pairs.iloc[:1].reset_index(drop=True), repeats),
                             ("all_movies_one_user", user_rows, max(5, repeats // 10))):
-        def naive():
+        def naive(frame=frame):
             return serving.transform(nvt.Dataset(frame.copy(), cpu=True)).to_ddf().compute()
 
         out[label] = {
             "rows": len(frame),
             "naive_workflow_transform_dataset": timed(naive, max(5, n // 10)),
-            "merlin_local_executor": timed(lambda: local.transform(frame.copy(), serving.output_node), n),
-            "feature_cache": timed(lambda: cached.cache.lookup(frame), n) if cached.cache else None,
+            "merlin_local_executor": timed(lambda frame=frame: local.transform(frame.copy(), serving.output_node), n),
+            "feature_cache": timed(lambda frame=frame: cached.cache.lookup(frame), n) if cached.cache else None,
         }
         # the paths agree: the same features from the naive path and the in-process one
         graph = local.transform(frame.copy(), serving.output_node)

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import add_results_argument  # noqa: E402  (benchmarks/machine.py)
+
 MERLIN_PYTHON = ROOT / ".venv-merlin" / "bin" / "python"
 MERLIN_HARNESS = ROOT.parent / "shared" / "merlin-reference" / "merlin_reference.py"
 

@@ -202,7 +202,7 @@ def test_in_memory_and_streamed_give_the_same_batches_every_epoch(parts, parts_p
         in_memory = [memory[i] for i in range(len(memory))]
         assert_same_batches(streamed, in_memory)
         # the tf.data pipeline Model.fit reads gives that epoch's batches too
-        assert_same_batches(streamed, list(memory.tf_dataset(lambda: epoch)))
+        assert_same_batches(streamed, list(memory.tf_dataset(lambda epoch=epoch: epoch)))
         rows = [row for batch in in_memory for row in batch["row"].numpy()[:, 0]]
         if not drop_last:
             assert sorted(rows) == list(range(sum(PART_ROWS)))  # every row once

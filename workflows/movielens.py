@@ -39,12 +39,13 @@ from pathlib import Path
 import pandas as pd
 
 import pipeline  # noqa: F401  (configures dask before nvtabular is imported)
+
+# isort: split
 import nvtabular as nvt  # noqa: E402
 from merlin.schema import Tags  # noqa: E402
 from nvtabular import ops  # noqa: E402
 
 from pipeline.ops import ColumnTags, FillUnknown, KFoldTargetEncoding, ListValueCount  # noqa: E402
-
 from pipeline.registry import VARIANTS  # noqa: E402
 
 TARGET = "rating"

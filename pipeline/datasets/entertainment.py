@@ -37,7 +37,7 @@ def get_movielens(variant: str = "ml-1m", path: str | Path | None = None, *, see
     """
     from merlin.io import Dataset
 
-    from pipeline.etl import DATASETS, DATA_DIR, is_etl_output, run_etl
+    from pipeline.etl import DATA_DIR, DATASETS, is_etl_output, run_etl
 
     if variant not in DATASETS:
         raise UsageError(f"variant {variant!r} is not one of {', '.join(DATASETS)}")

@@ -58,7 +58,7 @@ def check_ids(file: DelimitedFile, frame: pd.DataFrame, columns: tuple[str, ...]
     for column in columns:
         values = frame[column].to_numpy()
         rule = "timestamps are seconds since 1970" if column == "timestamp" else ID_RULE
-        file.check(values >= 0, lambda row: f"{column} {values[row]} is negative ({rule})")
+        file.check(values >= 0, lambda row, column=column, values=values, rule=rule: f"{column} {values[row]} is negative ({rule})")
 
 
 def drop_duplicate_ratings(file: DelimitedFile, ratings: pd.DataFrame) -> tuple[pd.DataFrame, int]:

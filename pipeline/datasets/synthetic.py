@@ -32,9 +32,8 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtr
 
-from pipeline.datasets import ml1m, ml100k
 from pipeline.atomic import atomic_dir
-from pipeline.metrics import roc_auc
+from pipeline.datasets import ml1m, ml100k
 from pipeline.datasets.constants import (
     AGE_RANGES,
     GENRES,
@@ -45,6 +44,7 @@ from pipeline.datasets.constants import (
     SIZES,
 )
 from pipeline.errors import DataError
+from pipeline.metrics import roc_auc
 
 logger = logging.getLogger(__name__)
 

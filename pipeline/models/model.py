@@ -22,7 +22,6 @@ from pipeline.models.core import deserialize, input_feature_names, register, ser
 from pipeline.models.features import ContinuousFeatures, EmbeddingFeatures, SequenceEmbeddingFeatures
 from pipeline.models.outputs import OutputBlock
 
-
 SAVED_MODEL_FILE = "model.keras"  # inside a directory written by Model.save(path_without_extension)
 # Training steps per tf.function call (Keras' steps_per_execution) unless compile() is given one: Keras runs
 # them in one graph loop, saving the per-step Python and callback dispatch. Measured on synthetic ML-1M,

@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 
 import pipeline  # noqa: F401  (dask config before nvtabular)
+
+# isort: split
 import nvtabular as nvt  # noqa: E402
 
 from pipeline.ops import KFoldTargetEncoding  # noqa: E402

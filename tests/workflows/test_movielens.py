@@ -7,11 +7,14 @@ import pandas as pd
 import pytest
 
 import pipeline  # noqa: F401  (dask config before nvtabular)
+
+# isort: split
 import nvtabular as nvt  # noqa: E402
 from merlin.schema import Tags  # noqa: E402
 
 from pipeline.ops import out_of_fold  # noqa: E402
 from workflows.movielens import movielens_workflow  # noqa: E402
+
 
 def side_tables(n_users=60, n_movies=40, seed=0):
     rng = np.random.default_rng(seed)
