@@ -76,3 +76,26 @@ def test_a_worker_killed_mid_etl_leaves_no_output_and_a_clear_error(cluster, syn
     assert f"{tmp_path / 'out'} was left as it was" in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["etl.json", "workflow"]
+
+
+def test_cluster_dataset_puts_the_same_partitions_on_the_workers(cluster):
+    """The ETL's in-memory split reaches the workers once, as futures: same partitions as merlin's own
+    Dataset(frame, npartitions), and graphs built on it no longer carry the data."""
+    import merlin.io
+    import numpy as np
+    from distributed import Client
+
+    from pipeline.cluster import cluster_dataset
+
+    frame = pd.DataFrame({"userId": np.arange(50_000) % 977, "rating": np.arange(50_000) % 5 + 1.0})
+    with Client(cluster.address) as client:
+        placed = cluster_dataset(frame, 7)
+        plain = merlin.io.Dataset(frame, npartitions=7)
+        assert placed.npartitions == plain.npartitions == 7
+        for a, b in zip(placed.to_ddf().to_delayed(), plain.to_ddf().to_delayed()):
+            pd.testing.assert_frame_equal(client.compute(a).result(), b.compute(scheduler="sync"))
+        def frames_in(graph):  # the data a graph carries to the scheduler with every compute
+            return sum(isinstance(value, pd.DataFrame) for value in dict(graph).values())
+
+        assert frames_in(plain.to_ddf().dask) == 7 and frames_in(placed.to_ddf().dask) == 0
+    assert cluster_dataset(frame, 7).to_ddf().compute().equals(frame)  # no client: merlin's in-process Dataset
