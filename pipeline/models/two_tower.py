@@ -38,6 +38,15 @@ class InBatchAccidentalHits(Block):
     keras_rs.layers.RemoveAccidentalHits (0.4.0) adds ``finfo.smallest_normal / 100`` (~1e-40) to those
     logits, which changes nothing in float32 (keras-team/keras-rs#206, open): the hits keep their full
     probability, so this layer does the masking.
+
+    Args:
+        logits: (call) ``(batch, batch)`` in-batch logits, row i's positive on the diagonal.
+        ids: (call) ``(batch,)`` or ``(batch, 1)`` the candidate id of each column.
+
+    Example:
+        >>> out = InBatchAccidentalHits()(np.zeros((3, 3), "float32"), np.array([7, 7, 8]))
+        >>> [float(x) for x in out[0]]
+        [0.0, -1000000000.0, 0.0]
     """
 
     def call(self, logits, ids):
@@ -63,6 +72,11 @@ class TwoTower(Model):
         temperature: the logits are ``cosine / temperature``.
         logq_correction: subtract ``log P(candidate in a batch)`` from the logits (``set_sampling_probabilities``).
         remove_accidental_hits: mask in-batch negatives that are the row's own positive movie.
+
+    Example:
+        >>> model = TwoTowerModel(schema, embedding_dim=8, tower_dims=[8])
+        >>> tuple(model(batch).shape), tuple(model.in_batch_logits(batch).shape)
+        ((5, 1), (5, 5))
     """
 
     def __init__(self, query_tower: keras.layers.Layer, candidate_tower: keras.layers.Layer, *, item_id: str,
@@ -249,7 +263,21 @@ def TwoTowerModel(
     ``MLPBlock(tower_dims)``, last layer linear) -> ``L2Norm``. ``temperature``, ``logq_correction`` and
     ``remove_accidental_hits`` shape the in-batch softmax (see ``TwoTower``).
 
+    Args:
+        schema: a merlin Schema with USER, ITEM and ITEM_ID tags (the ETL's).
+        query_tower, candidate_tower: the body of each tower after its inputs (default ``MLPBlock(tower_dims)``).
+        embedding_dim: width of every embedding of both towers.
+        tower_dims: the default towers' layer widths (the last is the vectors' width).
+        temperature, logq_correction, remove_accidental_hits: the in-batch softmax (``TwoTower``).
+        embeddings_l2: ``EmbeddingFeatures``' per-batch L2 penalty.
+
     Returns a ``TwoTower`` (compile, then ``fit`` on positive interactions).
+
+    Example:
+        >>> model = TwoTowerModel(schema, embedding_dim=8, tower_dims=[16, 4])
+        >>> model.compile(optimizer="adam")
+        >>> tuple(model.query_embeddings(batch).shape), tuple(model.candidate_embeddings(batch).shape)
+        ((5, 4), (5, 4))
     """
     user, item = tower_schema(schema, Tags.USER), tower_schema(schema, Tags.ITEM)
     ids = schema.select_by_tag(Tags.ITEM_ID).column_names

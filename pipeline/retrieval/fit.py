@@ -24,8 +24,9 @@ from pipeline.errors import DataError, TrainingDiverged, UsageError
 
 logger = logging.getLogger(__name__)
 
-# Tuned on real ML-100K's ub split (never a benchmark split): Recall@50 of temperature 0.05 vs 0.1 / 0.2 ...
-# see benchmarks/results/retrieval.md for the figures of these defaults.
+# Merlin Models' retrieval defaults (in-batch softmax, logQ, temperature 0.05-0.1) at our embedding width; a fixed
+# number of epochs (no model selection yet). First run, real ML-100K ua: Recall@50 0.566 vs popularity 0.346.
+# benchmarks/results/retrieval.md has these defaults on every benchmark dataset.
 DEFAULTS = dict(epochs=10, batch_size=1024, learning_rate=2e-3, embedding_dim=64, tower_dims=(128, 64),
                 temperature=0.05, logq_correction=True, remove_accidental_hits=True, seed=0)
 POSITIVES = "positives"  # the training split's positive rows, inside MODEL_DIR.partial while training
@@ -142,8 +143,9 @@ def fit_two_tower(data_dir: str | Path, out_dir: str | Path, *, epochs: int = DE
                   "features": net.input_feature_names(), "query_features": net.query_feature_names(),
                   "candidate_features": net.candidate_feature_names(), "targets": []}
         (work / "config.json").write_text(json.dumps(config, indent=2))
-        metrics = {"valid": {}, "epochs": history, "positive_rows": positives, "fit_seconds": round(fit_seconds, 3),
-                   "targets": []}
+        metrics = {"valid": {}, "epochs": history, "best_epoch": len(history), "positive_rows": positives,
+                   "fit_seconds": round(fit_seconds, 3), "targets": [],
+                   "model_selection": {"rows": None, "epoch": len(history), "rule": "the last epoch; no rows held out"}}
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         write_manifest(work, stage="train", etl_run_id=etl_run)
         if evaluate:
@@ -157,6 +159,25 @@ def fit_two_tower(data_dir: str | Path, out_dir: str | Path, *, epochs: int = DE
     replace_dir(work, out_dir)
     logger.info("two-tower model written to %s; valid %s", out_dir, {k: round(v, 4) for k, v in metrics["valid"].items()})
     return metrics
+
+
+# The train stage's settings that a two-tower reads; the others (weight decay, early stopping, heads) are the
+# ranking models' and do not apply.
+TRAIN_SETTINGS = ("epochs", "batch_size", "learning_rate", "embedding_dim", "seed")
+
+
+def train_two_tower(data_dir: str | Path, out_dir: str | Path, config, *, overwrite: bool = False,
+                    verbose: int | str = "auto") -> dict:
+    """``python -m pipeline train --arch two-tower``: ``fit_two_tower`` with the train stage's ``config``.
+
+    A setting of ``TRAIN_SETTINGS`` that differs from the train stage's default overrides the two-tower's own
+    default (``DEFAULTS``); left at the stage's default (e.g. its 50-epoch cap, meant for early stopping), the
+    two-tower's own applies. Returns the metrics.
+    """
+    stage_defaults = type(config)()
+    chosen = {name: getattr(config, name) for name in TRAIN_SETTINGS
+              if getattr(config, name) != getattr(stage_defaults, name)}
+    return fit_two_tower(data_dir, out_dir, overwrite=overwrite, verbose=verbose, **chosen)
 
 
 def _evaluate(data_dir: Path, model_dir: Path, max_users: int | None, seed: int) -> dict:

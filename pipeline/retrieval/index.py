@@ -20,6 +20,11 @@ class ItemIndex(abc.ABC):
     Args:
         ids: ``(n_items,)`` the item id of each row (returned by ``search``).
         vectors: ``(n_items, dim)`` the item vectors.
+
+    Example (a subclass implements ``search_rows``; an ANN index, e.g. HNSW, would too):
+        >>> index = BruteForceIndex(np.array([10, 20, 30]), np.eye(3, dtype="float32"))
+        >>> index.search(np.array([[0.0, 1.0, 0.5]]), 2)[0].tolist()
+        [[20, 30]]
     """
 
     def __init__(self, ids: np.ndarray, vectors: np.ndarray):
@@ -57,6 +62,16 @@ class BruteForceIndex(ItemIndex):
     At ML-1M's 3,706 movies x 64 dims a query costs ~0.1 ms, at ML-25M's 59k ~1-2 ms on one core: exact
     search is the right choice up to a few hundred thousand items. Ties are broken by row position (the
     lower row first), so results are deterministic.
+
+    Args:
+        ids: ``(n_items,)`` the item id of each row.
+        vectors: ``(n_items, dim)`` the item vectors.
+
+    Example:
+        >>> index = BruteForceIndex(np.array([10, 20, 30]), np.eye(3, dtype="float32"))
+        >>> ids, scores = index.search(np.array([[1.0, 1.0, 0.0]]), 3, exclude=[np.array([0])])
+        >>> ids.tolist(), scores.tolist()
+        ([[20, 30, -1]], [[1.0, 0.0, -inf]])
     """
 
     def search_rows(self, queries, k, exclude=None):

@@ -71,6 +71,13 @@ class HeldOut:
         users: ``(n,)`` raw userIds with at least one held-out positive, sorted.
         relevant: one array of raw movieIds per user.
         dropped: valid positives not counted (cold movies sharing the OOV code, or unknown users).
+
+    Args:
+        users, relevant, dropped: as above (``HeldOut.load`` builds them from an ETL output).
+
+    Example:
+        >>> held_out = HeldOut.load("data/synthetic/etl", predictor).sample(1000, seed=0)  # doctest: +SKIP
+        >>> evaluate_rankers(held_out, {"popularity": popularity_ranker(predictor)})  # doctest: +SKIP
     """
 
     users: np.ndarray

@@ -53,6 +53,15 @@ class Retriever:
         predictor: the two-tower model's ``Predictor`` (features of raw ids through the saved workflow).
         index: the ``ItemIndex`` of the movies' candidate vectors (ids: raw movieIds, sorted).
         item_codes: ``(n_movies,)`` each index row's encoded movieId (cold movies share the OOV code).
+
+    Args:
+        predictor, index, item_codes: as above; users, user_codes, user_vectors: the known raw userIds (sorted),
+            their encoded ids and query vectors (``Retriever.load`` computes them all).
+
+    Example:
+        >>> retriever = Retriever.load("data/synthetic/etl", "data/synthetic/models/two_tower")  # doctest: +SKIP
+        >>> retriever.retrieve(7, k=3, exclude_rated=True)  # doctest: +SKIP
+        [(2858, 0.71), (1196, 0.69), (260, 0.68)]
     """
 
     def __init__(self, predictor, index: ItemIndex, item_codes: np.ndarray, users: np.ndarray,
