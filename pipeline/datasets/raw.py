@@ -18,15 +18,26 @@ logger = logging.getLogger(__name__)
 class RawMovieLens:
     """One MovieLens release as pandas frames, in the same shape for every variant.
 
-    ratings: userId int64, movieId int64, rating float32, timestamp int64 (file order).
-    users: userId int64, gender str ("M"/"F"), age int64, occupation int64 (ml-1m codes; ml-100k's
-        occupation names as their 0-based position in u.occupation), zipcode str; None for ml-25m.
-    movies: movieId int64, title str, genres (list[str] per row; [] when none listed).
-    official_split: ml-100k's (ua.base, ua.test) ratings, same columns as ``ratings``; None otherwise.
-    duplicates_dropped: ratings of a (userId, movieId) pair rated again in the ratings file, dropped
-        (the latest timestamp is kept; on a tie, the later line).
-    official_split_duplicates_dropped: the same, summed over ua.base and ua.test (each de-duplicated
-        on its own; a pair in both files is an error).
+    Args:
+        variant: "ml-100k", "ml-1m" or "ml-25m".
+        ratings: userId int64, movieId int64, rating float32, timestamp int64 (file order).
+        users: userId int64, gender str ("M"/"F"), age int64, occupation int64 (ml-1m codes; ml-100k's
+            occupation names as their 0-based position in u.occupation), zipcode str; None for ml-25m.
+        movies: movieId int64, title str, genres (list[str] per row; [] when none listed).
+        official_split: ml-100k's (ua.base, ua.test) ratings, same columns as ``ratings``; None otherwise.
+        duplicates_dropped: ratings of a (userId, movieId) pair rated again in the ratings file, dropped
+            (the latest timestamp is kept; on a tie, the later line).
+        official_split_duplicates_dropped: the same, summed over ua.base and ua.test (each de-duplicated
+            on its own; a pair in both files is an error).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> folder = generate_synthetic(Path(tempfile.mkdtemp()) / "ml-1m", fmt="ml-1m", n_users=20, n_movies=30,
+        ...                             n_ratings=400, seed=0)
+        >>> raw = read_movielens("ml-1m", folder)
+        >>> list(raw.ratings.columns), len(raw.ratings), list(raw.movies.columns)
+        (['userId', 'movieId', 'rating', 'timestamp'], 400, ['movieId', 'title', 'genres'])
     """
 
     variant: str
@@ -58,7 +69,8 @@ def check_ids(file: DelimitedFile, frame: pd.DataFrame, columns: tuple[str, ...]
     for column in columns:
         values = frame[column].to_numpy()
         rule = "timestamps are seconds since 1970" if column == "timestamp" else ID_RULE
-        file.check(values >= 0, lambda row, column=column, values=values, rule=rule: f"{column} {values[row]} is negative ({rule})")
+        file.check(values >= 0,
+                   lambda row, column=column, values=values, rule=rule: f"{column} {values[row]} is negative ({rule})")
 
 
 def drop_duplicate_ratings(file: DelimitedFile, ratings: pd.DataFrame) -> tuple[pd.DataFrame, int]:

@@ -205,7 +205,8 @@ def sample_movielens(params: dict) -> SyntheticSample:
     draw = _Draw(params)
     chunks = list(draw.rating_chunks())
     ratings = pd.concat([c.ratings for c in chunks], ignore_index=True)
-    cat = {key: np.concatenate([getattr(c, key) for c in chunks]) for key in ("user_idx", "movie_idx", "score", "latent")}
+    cat = {key: np.concatenate([getattr(c, key) for c in chunks])
+           for key in ("user_idx", "movie_idx", "score", "latent")}
     truth = dict(
         user_bias=draw.user_bias, user_factors=draw.user_factors, movie_bias=draw.movie_bias,
         movie_factors=draw.movie_factors, genre_factors=draw.genre_factors, taste=draw.taste,

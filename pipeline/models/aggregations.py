@@ -22,7 +22,15 @@ def _values(inputs) -> list:
 
 @register
 class ConcatFeatures(Block):
-    """Concatenates ``{name: (batch, d_i)}`` along ``axis`` -> ``(batch, sum d_i)``."""
+    """Concatenates ``{name: (batch, d_i)}`` along ``axis`` -> ``(batch, sum d_i)``.
+
+    Args:
+        axis: the axis concatenated along.
+
+    Example:
+        >>> ConcatFeatures()({"b": np.ones((2, 1)), "a": np.zeros((2, 3))}).numpy().tolist()  # sorted keys: a, b
+        [[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]]
+    """
 
     def __init__(self, axis: int = -1, **kwargs):
         super().__init__(**kwargs)
@@ -37,7 +45,15 @@ class ConcatFeatures(Block):
 
 @register
 class StackFeatures(Block):
-    """Stacks ``{name: (batch, d)}`` along ``axis`` (default 1) -> ``(batch, n_features, d)``."""
+    """Stacks ``{name: (batch, d)}`` along ``axis`` (default 1) -> ``(batch, n_features, d)``.
+
+    Args:
+        axis: the new axis the features are stacked along.
+
+    Example:
+        >>> tuple(StackFeatures()({"a": np.ones((2, 4)), "b": np.ones((2, 4))}).shape)
+        (2, 2, 4)
+    """
 
     def __init__(self, axis: int = 1, **kwargs):
         super().__init__(**kwargs)
@@ -52,7 +68,15 @@ class StackFeatures(Block):
 
 @register
 class ElementwiseSum(Block):
-    """Sums ``{name: (batch, d)}`` element-wise -> ``(batch, d)``."""
+    """Sums ``{name: (batch, d)}`` element-wise -> ``(batch, d)``.
+
+    Args:
+        None beyond a Keras layer's (``name``, ``dtype``).
+
+    Example:
+        >>> ElementwiseSum()({"a": np.array([[1.0, 2.0]]), "b": np.array([[3.0, 4.0]])}).numpy().tolist()
+        [[4.0, 6.0]]
+    """
 
     def call(self, inputs):
         values = _values(inputs)
@@ -64,7 +88,16 @@ class ElementwiseSum(Block):
 
 @register
 class CosineSimilarity(Block):
-    """Cosine similarity of two tensors ``(batch, d)`` (a dict of two, or a pair) -> ``(batch, 1)``."""
+    """Cosine similarity of two tensors ``(batch, d)`` (a dict of two, or a pair) -> ``(batch, 1)``.
+
+    Args:
+        None beyond a Keras layer's (``name``, ``dtype``).
+
+    Example:
+        >>> similarity = CosineSimilarity()({"a": np.array([[3.0, 4.0]]), "b": np.array([[1.0, 0.0]])})
+        >>> tuple(similarity.shape), round(float(similarity[0, 0]), 4)
+        ((1, 1), 0.6)
+    """
 
     def call(self, inputs):
         a, b = _values(inputs)
@@ -73,7 +106,8 @@ class CosineSimilarity(Block):
         return ops.sum(a * b, axis=-1, keepdims=True)
 
 
-AGGREGATIONS = {"concat": ConcatFeatures, "stack": StackFeatures, "sum": ElementwiseSum, "element-wise-sum": ElementwiseSum, "cosine": CosineSimilarity}
+AGGREGATIONS = {"concat": ConcatFeatures, "stack": StackFeatures, "sum": ElementwiseSum,
+                "element-wise-sum": ElementwiseSum, "cosine": CosineSimilarity}
 
 
 def aggregation_from(aggregation) -> keras.layers.Layer | None:

@@ -34,7 +34,16 @@ def deserialize(config: dict | None) -> keras.layers.Layer | None:
 
 @register
 class Block(keras.layers.Layer):
-    """Base class of every block: a Keras layer with the tutorial's connect methods."""
+    """Base class of every block: a Keras layer with the tutorial's connect methods.
+
+    Args:
+        Those of a Keras layer (``name``, ``dtype``, ``trainable``).
+
+    Example:
+        >>> body = ContinuousFeatures(["TE_userId_rating", "TE_movieId_rating"]).connect(MLPBlock([4]))
+        >>> tuple(body(batch).shape)
+        (5, 4)
+    """
 
     def connect(self, *blocks: keras.layers.Layer, **kwargs) -> "SequentialBlock":
         """This block followed by ``blocks``; returns the sequence (its output is the last block's)."""
@@ -77,7 +86,15 @@ class Block(keras.layers.Layer):
 
 @register
 class Identity(Block):
-    """Returns its input unchanged."""
+    """Returns its input unchanged.
+
+    Args:
+        None beyond a Keras layer's (``name``, ``dtype``).
+
+    Example:
+        >>> tuple(Identity()(np.ones((2, 3))).shape)
+        (2, 3)
+    """
 
     def call(self, inputs):
         return inputs
@@ -85,7 +102,16 @@ class Identity(Block):
 
 @register
 class SequentialBlock(Block):
-    """Applies ``layers`` one after the other. Output: the last layer's output."""
+    """Applies ``layers`` one after the other. Output: the last layer's output.
+
+    Args:
+        layers: the layers, applied in order.
+
+    Example:
+        >>> block = SequentialBlock([ContinuousFeatures(["TE_userId_rating"]), MLPBlock([8, 4])])
+        >>> tuple(block(batch).shape)
+        (5, 4)
+    """
 
     def __init__(self, layers: Iterable[keras.layers.Layer], **kwargs):
         super().__init__(**kwargs)
@@ -118,9 +144,16 @@ class ParallelBlock(Block):
     Args:
         branches: a dict name -> layer, or a list (named by each layer's ``name``).
         aggregation: optional aggregation applied to the merged dict.
+
+    Example:
+        >>> block = ParallelBlock({"embeddings": EmbeddingFeatures.from_schema(schema.select_by_name(["userId"]), 8),
+        ...                        "deep": ContinuousFeatures(["TE_userId_rating"]).connect(MLPBlock([4]))})
+        >>> {k: tuple(v.shape) for k, v in block(batch).items()}
+        {'userId': (5, 8), 'deep': (5, 4)}
     """
 
-    def __init__(self, branches: Mapping[str, keras.layers.Layer] | Iterable[keras.layers.Layer], aggregation=None, **kwargs):
+    def __init__(self, branches: Mapping[str, keras.layers.Layer] | Iterable[keras.layers.Layer], aggregation=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if not isinstance(branches, Mapping):
             branches = {layer.name: layer for layer in branches}
@@ -163,6 +196,13 @@ class Filter(Block):
     """Keeps the named entries of a dict of tensors. ``Filter("x")`` or ``Filter(["a", "b"])``.
 
     Returns a dict with only those keys (those present in the input).
+
+    Args:
+        names: the key, or keys, kept.
+
+    Example:
+        >>> sorted(Filter(["a"])({"a": np.ones((2, 1)), "b": np.ones((2, 1))}))
+        ['a']
     """
 
     def __init__(self, names: str | Iterable[str], **kwargs):
@@ -183,7 +223,15 @@ class Filter(Block):
 
 @register
 class ResidualBlock(Block):
-    """``inputs + layer(inputs)``."""
+    """``inputs + layer(inputs)``.
+
+    Args:
+        layer: the layer whose output is added to its input (same shape).
+
+    Example:
+        >>> ResidualBlock(Identity())(np.ones((1, 2))).numpy().tolist()
+        [[2.0, 2.0]]
+    """
 
     def __init__(self, layer: keras.layers.Layer, **kwargs):
         super().__init__(**kwargs)

@@ -37,12 +37,25 @@ def DCNModel(
     "stacked" feeds the cross network's output to ``deep_block``; "parallel" runs both on ``x0`` and
     concatenates them. Then one head per target (``prediction_tasks``, default: every TARGET column).
 
-    Example:
-        >>> model = DCNModel(train.schema, depth=2, deep_block=MLPBlock([64, 32]), structure="parallel")
-        >>> model.compile(optimizer="adam")
-        >>> model.fit(train, batch_size=1024)
-
     Returns a compile-ready ``Model``.
+
+    Args:
+        schema: the merlin Schema; every non-target input column is used.
+        depth: number of cross layers.
+        deep_block: the deep MLP (stacked after, or parallel to, the cross network).
+        prediction_tasks: the heads (default: one per TARGET column).
+        structure: "stacked" or "parallel".
+        low_rank_dim: rank of the cross layers' weights (None: full).
+        embedding_dim: one width for every table (None: each column's suggested width).
+        embedding_dims: per-column widths.
+        combiner: how list columns are reduced.
+        embeddings_l2: L2 penalty on the embeddings used in each batch.
+
+    Example:
+        >>> model = DCNModel(schema, depth=2, deep_block=MLPBlock([16, 8]), structure="parallel", embedding_dim=8)
+        >>> model.compile(optimizer="adam")
+        >>> {k: tuple(v.shape) for k, v in model(batch).items()}
+        {'rating_binary': (5, 1), 'rating': (5, 1)}
     """
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")

@@ -34,12 +34,21 @@ def DeepFMModel(
       ``MLPBlock([128, 64, 32])``).
     The three are concatenated and each head's dense layer combines them, one head per target.
 
-    Example:
-        >>> model = DeepFMModel(train.schema, embedding_dim=16, deep_block=MLPBlock([64, 32]))
-        >>> model.compile(optimizer="adam")
-        >>> model.fit(train, batch_size=1024)
-
     Returns a compile-ready ``Model``.
+
+    Args:
+        schema: the merlin Schema; every non-target input column is used.
+        embedding_dim: the width shared by the FM part and the deep part.
+        deep_block: the deep MLP.
+        prediction_tasks: the heads (default: one per TARGET column).
+        combiner: how list columns are reduced.
+        embeddings_l2: L2 penalty on the embeddings used in each batch.
+
+    Example:
+        >>> model = DeepFMModel(schema, embedding_dim=8, deep_block=MLPBlock([16, 8]))
+        >>> model.compile(optimizer="adam")
+        >>> {k: tuple(v.shape) for k, v in model(batch).items()}
+        {'rating_binary': (5, 1), 'rating': (5, 1)}
     """
     deep_block = deep_block if deep_block is not None else MLPBlock([128, 64, 32])
     inputs = schema.excluding_by_tag(Tags.TARGET)

@@ -36,6 +36,22 @@ def DLRMModel(
     ``embeddings_l2`` penalizes the squared norm of the embeddings used in each batch.
 
     Returns a compiled-ready ``Model``.
+
+    Args:
+        schema: the merlin Schema; every non-target input column is used.
+        embedding_dim: the one width of every embedding (DLRM's dot products need one).
+        bottom_block: the MLP of the continuous features; its last width must be ``embedding_dim``.
+        top_block: the MLP over the interactions.
+        prediction_tasks: the heads (default: one per TARGET column).
+        embedding_dims: per-column widths (must all equal ``embedding_dim``).
+        combiner: how list columns are reduced ("mean" or "sum").
+        embeddings_l2: L2 penalty on the embeddings used in each batch.
+
+    Example:
+        >>> model = DLRMModel(schema, embedding_dim=8, bottom_block=MLPBlock([16, 8]), top_block=MLPBlock([16]))
+        >>> model.compile(optimizer="adam")
+        >>> {k: tuple(v.shape) for k, v in model(batch).items()}
+        {'rating_binary': (5, 1), 'rating': (5, 1)}
     """
     bottom_block = bottom_block if bottom_block is not None else MLPBlock([128, embedding_dim])
     top_block = top_block if top_block is not None else MLPBlock([128, 64, 32])

@@ -75,6 +75,11 @@ class EmbeddingFeatures(Block):
         l2_regularization: weight of an L2 penalty on the embeddings looked up in each batch
             (the rows actually used, so frequent ids are regularized more: the usual recsys choice,
             and cheaper than penalizing whole tables every step).
+
+    Example:
+        >>> block = EmbeddingFeatures.from_schema(schema, embedding_dim=8)
+        >>> tuple(block(batch)["genres"].shape), block.embeddings["userId"].input_dim
+        ((5, 8), 41)
     """
 
     def __init__(self, tables: Mapping[str, Mapping], combiner: str = "mean", l2_regularization: float = 0.0, **kwargs):
@@ -146,6 +151,15 @@ class SequenceEmbeddingFeatures(Block):
 
     With ``combiner=None`` each output is the sequence ``(batch, max_len, dim)`` (padding rows are
     zero vectors); with "mean" / "sum" it is reduced over the non-padding entries to ``(batch, dim)``.
+
+    Args:
+        tables: list feature name -> ``{"cardinality": int, "dim": int}``.
+        combiner: None (keep the sequence), "mean" or "sum".
+
+    Example:
+        >>> block = SequenceEmbeddingFeatures.from_schema(schema.select_by_name(["genres"]), 8)
+        >>> tuple(block(batch)["genres"].shape)  # 3: the padded list length
+        (5, 3, 8)
     """
 
     def __init__(self, tables: Mapping[str, Mapping], combiner: str | None = None, **kwargs):
@@ -197,7 +211,16 @@ class SequenceEmbeddingFeatures(Block):
 
 @register
 class ContinuousFeatures(Block):
-    """Continuous features as float32 ``{name: (batch, 1)}``."""
+    """Continuous features as float32 ``{name: (batch, 1)}``.
+
+    Args:
+        features: the names of the continuous columns (``from_schema`` finds them by tag).
+
+    Example:
+        >>> block = ContinuousFeatures.from_schema(schema.select_by_name(["TE_userId_rating", "TE_age_rating"]))
+        >>> {k: tuple(v.shape) for k, v in block(batch).items()}
+        {'TE_userId_rating': (5, 1), 'TE_age_rating': (5, 1)}
+    """
 
     def __init__(self, features: Iterable[str], **kwargs):
         super().__init__(**kwargs)
@@ -235,6 +258,19 @@ def InputBlock(
     continuous ``(batch, 1)``), or, if ``continuous_block`` is given (e.g. ``MLPBlock([64])``), the
     continuous features passed through it under the key ``"continuous"``. ``aggregation`` (e.g.
     "concat") turns the dict into one tensor. ``embeddings_l2``: ``EmbeddingFeatures``' per-batch L2 penalty.
+
+    Args:
+        schema: the merlin Schema; its CATEGORICAL and CONTINUOUS non-target columns are the inputs.
+        embedding_dim: one width for every table (None: each column's suggested width).
+        embedding_dims: per-column widths, overriding ``embedding_dim``.
+        combiner: how list columns are reduced ("mean" or "sum").
+        continuous_block: a layer the continuous features go through (output key ``"continuous"``).
+        aggregation: e.g. "concat", to return one tensor instead of the dict.
+        embeddings_l2: the per-batch L2 penalty of ``EmbeddingFeatures``.
+
+    Example:
+        >>> tuple(InputBlock(schema, 8, aggregation="concat")(batch).shape)  # 8 tables x 8 + 6 continuous
+        (5, 70)
     """
     branches: dict[str, keras.layers.Layer] = {}
     if _input_columns(schema, Tags.CATEGORICAL):

@@ -17,6 +17,13 @@ class DotProductInteractionBlock(Block):
 
     Features are taken in sorted key order; all must have the same width ``d``. A stacked tensor
     ``(batch, n, d)`` is accepted too.
+
+    Args:
+        self_interaction: also each feature's dot product with itself (n*(n+1)/2 outputs).
+
+    Example:
+        >>> tuple(DotProductInteractionBlock()({k: np.ones((2, 4)) for k in "abcd"}).shape)  # 4 features: 6 pairs
+        (2, 6)
     """
 
     def __init__(self, self_interaction: bool = False, **kwargs):
@@ -41,6 +48,14 @@ class CrossBlock(Block):
 
     ``(batch, d)`` (or a dict, concatenated) -> ``(batch, d)``; ``x_{l+1} = x0 * W x_l + b + x_l``.
     ``projection_dim`` makes ``W`` low-rank.
+
+    Args:
+        depth: number of cross layers.
+        projection_dim: rank of each layer's ``W`` (None: full rank).
+
+    Example:
+        >>> tuple(CrossBlock(depth=2)({"a": np.ones((3, 8)), "b": np.ones((3, 8))}).shape)
+        (3, 16)
     """
 
     def __init__(self, depth: int = 3, projection_dim: int | None = None, **kwargs):
@@ -70,8 +85,11 @@ class FMBlock(Block):
 
     Example:
         >>> fm = FMBlock()
-        >>> fm({"a": ops.ones((2, 4)), "b": ops.ones((2, 4))}).shape   # <a, b> = 4
+        >>> tuple(fm({"a": ops.ones((2, 4)), "b": ops.ones((2, 4))}).shape)  # <a, b> = 4
         (2, 1)
+
+    Args:
+        None beyond a Keras layer's (``name``, ``dtype``).
     """
 
     def call(self, inputs):

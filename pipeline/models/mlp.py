@@ -25,6 +25,10 @@ class MLPBlock(Block):
         normalization: ``"batch_norm"`` to add batch normalization, or None.
         kernel_regularizer: a Keras regularizer (or its name / config) for every kernel.
         no_activation_last_layer: leave the last layer linear.
+
+    Example:
+        >>> tuple(MLPBlock([8, 4], dropout=0.1)(np.ones((5, 3))).shape)
+        (5, 4)
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class MLPBlock(Block):
             "use_bias": self.use_bias,
             "dropout": self.dropout,
             "normalization": self.normalization,
-            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer) if self.kernel_regularizer else None,
+            "kernel_regularizer": (keras.regularizers.serialize(self.kernel_regularizer)
+                                   if self.kernel_regularizer else None),
             "no_activation_last_layer": self.no_activation_last_layer,
         }

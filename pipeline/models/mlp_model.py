@@ -26,12 +26,22 @@ def MLPModel(
     """Every input of ``schema`` concatenated (embeddings ``(batch, dim)`` per categorical column, continuous
     columns as they are) -> ``block`` (default ``MLPBlock([128, 64, 32])``) -> one head per target.
 
-    Example:
-        >>> model = MLPModel(train.schema, MLPBlock([64, 32]), BinaryOutput("rating_binary"))
-        >>> model.compile(optimizer="adam")
-        >>> model.fit(train, batch_size=1024)
-
     Returns a compile-ready ``Model``.
+
+    Args:
+        schema: the merlin Schema; every non-target input column is used.
+        block: the MLP over the concatenated inputs.
+        prediction_tasks: the heads (default: one per TARGET column).
+        embedding_dim: one width for every table (None: each column's suggested width).
+        embedding_dims: per-column widths.
+        combiner: how list columns are reduced.
+        embeddings_l2: L2 penalty on the embeddings used in each batch.
+
+    Example:
+        >>> model = MLPModel(schema, MLPBlock([16, 8]), BinaryOutput("rating_binary"), embedding_dim=8)
+        >>> model.compile(optimizer="adam")
+        >>> tuple(model(batch).shape)  # one head: a tensor, not a dict
+        (5, 1)
     """
     block = block if block is not None else MLPBlock([128, 64, 32])
     features = InputBlock(schema.excluding_by_tag(Tags.TARGET), embedding_dim, embedding_dims=embedding_dims,

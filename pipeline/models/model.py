@@ -38,6 +38,12 @@ class Model(keras.Model):
     Args:
         block: the body, e.g. an ``InputBlock`` connected to an ``MLPBlock``.
         *outputs: ``BinaryOutput``, ``RegressionOutput``, ``CategoricalOutput`` heads.
+
+    Example:
+        >>> model = Model(InputBlock(schema, 8).connect(MLPBlock([16])), BinaryOutput("rating_binary"))
+        >>> model.compile(optimizer="adam")
+        >>> tuple(model(batch).shape)  # one head: a tensor, not a dict
+        (5, 1)
     """
 
     def __init__(self, block: keras.layers.Layer, *outputs: OutputBlock, **kwargs):
@@ -169,7 +175,8 @@ class Model(keras.Model):
                 for name in layer.feature_names:
                     col = schema[name]
                     if col.dtype.element_type.value != "int":
-                        raise DataError(f"column {name!r} feeds an embedding table but has dtype {col.dtype.name}, not an integer id")
+                        raise DataError(f"column {name!r} feeds an embedding table but has dtype {col.dtype.name}, "
+                                        "not an integer id")
             elif isinstance(layer, ContinuousFeatures):
                 for name in layer.feature_names:
                     col = schema[name]

@@ -14,6 +14,16 @@ class OutputBlock(Block):
     """Base head: ``(batch, d)`` -> ``(batch, units)`` predictions for column ``target``.
 
     ``pre`` (e.g. ``LogitsTemperatureScaler(2)``) is applied to the logits before the activation.
+
+    Args:
+        target: the target column the head predicts (the name of its output).
+        pre: a layer applied to the logits before the activation.
+        units: output width (subclasses set it).
+
+    Example:
+        >>> head = RegressionOutput("rating")  # OutputBlock is the base of the heads
+        >>> tuple(head(np.ones((5, 8))).shape)
+        (5, 1)
     """
 
     units = 1
@@ -50,7 +60,18 @@ class OutputBlock(Block):
 
 @register
 class BinaryOutput(OutputBlock):
-    """P(target = 1): ``(batch, d)`` -> ``(batch, 1)`` in [0, 1]. Loss: binary cross-entropy."""
+    """P(target = 1): ``(batch, d)`` -> ``(batch, 1)`` in [0, 1]. Loss: binary cross-entropy.
+
+    Args:
+        target: the binary target column (0/1).
+        pre: a layer applied to the logits before the sigmoid, e.g. ``LogitsTemperatureScaler(2)``.
+
+    Example:
+        >>> head = BinaryOutput("rating_binary", pre=LogitsTemperatureScaler(2.0))
+        >>> p = head(np.ones((5, 8)))
+        >>> tuple(p.shape), bool(ops.all((p > 0) & (p < 1)))
+        ((5, 1), True)
+    """
 
     activation = "sigmoid"
 
@@ -67,7 +88,16 @@ class BinaryOutput(OutputBlock):
 
 @register
 class RegressionOutput(OutputBlock):
-    """A real value: ``(batch, d)`` -> ``(batch, 1)``. Loss: mean squared error."""
+    """A real value: ``(batch, d)`` -> ``(batch, 1)``. Loss: mean squared error.
+
+    Args:
+        target: the real-valued target column.
+        pre: a layer applied to the prediction (e.g. a scaler).
+
+    Example:
+        >>> tuple(RegressionOutput("rating")(np.ones((5, 8))).shape)
+        (5, 1)
+    """
 
     def default_loss(self):
         return keras.losses.MeanSquaredError()
@@ -81,6 +111,16 @@ class CategoricalOutput(OutputBlock):
     """Class probabilities: ``(batch, d)`` -> ``(batch, num_classes)`` (softmax).
 
     Targets are class ids. Loss: sparse categorical cross-entropy.
+
+    Args:
+        target: the target column of class ids.
+        num_classes: number of classes (``from_schema`` reads the column's cardinality).
+        pre: a layer applied to the logits before the softmax.
+
+    Example:
+        >>> p = CategoricalOutput("genre", num_classes=7)(np.ones((5, 8)))
+        >>> tuple(p.shape), np.allclose(ops.sum(p, axis=1), 1.0)
+        ((5, 7), True)
     """
 
     activation = "softmax"

@@ -21,6 +21,13 @@ class ToDense(Block):
 
     The ``Loader`` already delivers dense tensors (list columns padded to a fixed width), so this
     only fixes ranks of tensors coming from elsewhere (e.g. a hand-made batch).
+
+    Args:
+        None beyond a Keras layer's (``name``, ``dtype``).
+
+    Example:
+        >>> {k: tuple(v.shape) for k, v in ToDense()({"x": np.ones(4)}).items()}
+        {'x': (4, 1)}
     """
 
     def call(self, inputs):
@@ -32,7 +39,16 @@ AsDenseFeatures = ToDense
 
 @register
 class L2Norm(Block):
-    """L2-normalizes along ``axis`` (a tensor, or each tensor of a dict); same shape out."""
+    """L2-normalizes along ``axis`` (a tensor, or each tensor of a dict); same shape out.
+
+    Args:
+        axis: the axis normalized.
+        epsilon: floor of the squared norm (no division by zero).
+
+    Example:
+        >>> L2Norm()(np.array([[3.0, 4.0]])).numpy().tolist()
+        [[0.6000000238418579, 0.800000011920929]]
+    """
 
     def __init__(self, axis: int = -1, epsilon: float = 1e-12, **kwargs):
         super().__init__(**kwargs)
@@ -51,7 +67,15 @@ class L2Norm(Block):
 
 @register
 class LogitsTemperatureScaler(Block):
-    """Divides logits by ``temperature`` (> 1 makes predictions less confident); same shape out."""
+    """Divides logits by ``temperature`` (> 1 makes predictions less confident); same shape out.
+
+    Args:
+        temperature: the divisor, > 0.
+
+    Example:
+        >>> LogitsTemperatureScaler(2.0)(np.array([[3.0, 4.0]])).numpy().tolist()
+        [[1.5, 2.0]]
+    """
 
     def __init__(self, temperature: float, **kwargs):
         super().__init__(**kwargs)

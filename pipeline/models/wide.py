@@ -29,9 +29,9 @@ class WideBlock(Block):
         continuous: continuous features, each with a weight (a linear layer).
 
     Example:
-        >>> wide = WideBlock.from_schema(schema, crosses=[("age", "movieId")])
-        >>> wide(batch).shape
-        (batch_size, 1)
+        >>> wide = WideBlock.from_schema(schema, crosses=[("age", "movieId")], cross_buckets=100)
+        >>> tuple(wide(batch).shape)
+        (5, 1)
     """
 
     def __init__(self, tables: Mapping[str, Mapping], crosses: Sequence[Sequence[str]] = (),
@@ -94,7 +94,8 @@ class WideBlock(Block):
         for cross, table in zip(self.crosses, self.cross_weights):
             total = total + table(self._cross_ids(cross, inputs))
         if self.linear is not None:
-            values = ops.concatenate([ops.reshape(ops.cast(inputs[n], "float32"), (-1, 1)) for n in self.continuous], -1)
+            values = ops.concatenate([ops.reshape(ops.cast(inputs[n], "float32"), (-1, 1)) for n in self.continuous],
+                                     -1)
             total = total + self.linear(values)
         return total
 

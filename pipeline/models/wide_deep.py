@@ -48,12 +48,25 @@ def WideAndDeepModel(
     ``MLPBlock([128, 64, 32])``). Both are concatenated and each head's dense layer combines them (the
     wide logit gets one weight, the deep features theirs), one head per target.
 
-    Example:
-        >>> model = WideAndDeepModel(train.schema, MLPBlock([64, 32]), crosses=[("age", "movieId")])
-        >>> model.compile(optimizer="adam")
-        >>> model.fit(train, batch_size=1024)
-
     Returns a compile-ready ``Model``.
+
+    Args:
+        schema: the merlin Schema; every non-target input column is used.
+        deep_block: the deep MLP.
+        prediction_tasks: the heads (default: one per TARGET column).
+        crosses: the wide part's crosses of scalar categorical columns (default: ``default_crosses``).
+        cross_buckets: hashed rows of each cross.
+        embedding_dim: one width for every table (None: each column's suggested width).
+        embedding_dims: per-column widths.
+        combiner: how list columns are reduced.
+        embeddings_l2: L2 penalty on the embeddings used in each batch.
+
+    Example:
+        >>> model = WideAndDeepModel(schema, MLPBlock([16, 8]), crosses=[("age", "movieId")], cross_buckets=100,
+        ...                          embedding_dim=8)
+        >>> model.compile(optimizer="adam")
+        >>> {k: tuple(v.shape) for k, v in model(batch).items()}
+        {'rating_binary': (5, 1), 'rating': (5, 1)}
     """
     deep_block = deep_block if deep_block is not None else MLPBlock([128, 64, 32])
     inputs = schema.excluding_by_tag(Tags.TARGET)

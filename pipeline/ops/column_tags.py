@@ -20,6 +20,14 @@ class ColumnTags(Operator):
 
     Args:
         tags: column name -> tags to add (``merlin.schema.Tags`` or strings); unlisted columns keep theirs.
+
+    Example:
+        >>> import nvtabular as nvt
+        >>> from merlin.schema import Tags
+        >>> workflow = nvt.Workflow(["userId"] >> ColumnTags({"userId": [Tags.USER_ID]}))
+        >>> _ = workflow.fit(nvt.Dataset(pd.DataFrame({"userId": [1, 2]})))
+        >>> sorted(str(t.value) for t in workflow.output_schema["userId"].tags)
+        ['id', 'user']
     """
 
     def __init__(self, tags: Mapping[str, Sequence[Tags | str]]):

@@ -25,6 +25,17 @@ class FillUnknown(Operator):
 
     The dtypes come from the input schema when the workflow graph is built (e.g. the side table's
     dtypes behind ``JoinExternal``) and are saved with the workflow. Rows without nulls pass unchanged.
+
+    Args:
+        None: the columns it fills are the ones selected (``columns >> FillUnknown()``).
+
+    Example:
+        >>> import nvtabular as nvt
+        >>> frame = pd.DataFrame({"userId": [1.0, None]})  # an unseen user after JoinExternal
+        >>> workflow = nvt.Workflow(["userId"] >> FillUnknown())
+        >>> _ = workflow.fit(nvt.Dataset(frame))
+        >>> workflow.transform(nvt.Dataset(frame)).to_ddf().compute()["userId"].tolist()  # -1: no real id
+        [1.0, -1.0]
     """
 
     def __init__(self):

@@ -16,7 +16,18 @@ from nvtabular.ops import ValueCount
 
 
 class ListValueCount(ValueCount):
-    """Record ``value_count`` min/max of each selected list column; transform passes data through."""
+    """Record ``value_count`` min/max of each selected list column; transform passes data through.
+
+    Args:
+        None: the columns are the ones selected (``columns >> ListValueCount()``).
+
+    Example:
+        >>> import nvtabular as nvt
+        >>> workflow = nvt.Workflow(["genres"] >> ListValueCount())
+        >>> _ = workflow.fit(nvt.Dataset(pd.DataFrame({"genres": [["a", "b"], ["c"], []]})))
+        >>> workflow.output_schema["genres"].properties["value_count"]
+        {'min': 0, 'max': 2}
+    """
 
     def fit(self, col_selector: ColumnSelector, ddf):
         parts = [dask.delayed(_length_range)(part, col_selector.names) for part in ddf.to_delayed()]

@@ -46,6 +46,16 @@ class KFoldTargetEncoding(StatOperator):
         fold_columns: integer columns whose seeded hash assigns a row to a fold; they must be
             among the encoded columns (so a request never needs more columns than it has).
         seed: fold-assignment seed.
+
+    Example:
+        >>> import nvtabular as nvt
+        >>> frame = pd.DataFrame({"userId": [1, 1, 2, 2], "rating": [5.0, 3.0, 1.0, 1.0]})
+        >>> te = ["userId"] >> KFoldTargetEncoding("rating", kfold=2, p_smooth=1, fold_columns=["userId"])
+        >>> workflow = nvt.Workflow(te)
+        >>> _ = workflow.fit(nvt.Dataset(frame))
+        >>> out = workflow.transform(nvt.Dataset(frame)).to_ddf().compute()
+        >>> out["TE_userId_rating"].tolist()  # (sum + 1 * 2.5) / (count + 1)
+        [3.5, 3.5, 1.5, 1.5]
     """
 
     def __init__(

@@ -1,53 +1,13 @@
-"""Block-library fixtures: a tiny in-memory schema shaped like the ETL output, a 5-row batch of it, and the
-shared layer round-trip check (Keras' ``run_layer_test``) that every layer test uses. No ETL, no files."""
+"""Block-library fixtures: the shared layer round-trip check (Keras' ``run_layer_test``) that every layer test
+uses, on the tiny in-memory schema and batch of tests/conftest.py (``tiny_schema``, ``tiny_batch``). No ETL."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
 import pytest
-from merlin.schema import ColumnSchema, Schema, Tags
 
 import pipeline  # noqa: F401  (dask settings before merlin)
-
-# name: (cardinality incl. the reserved pad/null/OOV rows, the schema's suggested embedding width)
-CATEGORICAL = {"userId": (41, 8), "movieId": (31, 8), "title": (31, 8), "genres": (7, 4), "gender": (4, 2),
-               "age": (9, 3), "occupation": (23, 4), "zipcode": (21, 4)}
-CONTINUOUS = ["TE_userId_rating", "TE_movieId_rating", "TE_gender_rating", "TE_age_rating", "TE_occupation_rating",
-              "TE_zipcode_rating"]
-ROWS = 5
-
-
-def _categorical(name: str) -> ColumnSchema:
-    cardinality, dim = CATEGORICAL[name]
-    tags = [Tags.CATEGORICAL]
-    tags += {"userId": [Tags.USER_ID, Tags.USER, Tags.ID], "movieId": [Tags.ITEM_ID, Tags.ITEM, Tags.ID]}.get(name, [])
-    return ColumnSchema(name, tags=tags, dtype="int64", is_list=name == "genres", is_ragged=False,
-                        properties={"embedding_sizes": {"cardinality": cardinality, "dimension": dim},
-                                    "domain": {"min": 0, "max": cardinality - 1}})
-
-
-@pytest.fixture(scope="session")
-def tiny_schema() -> Schema:
-    """The ETL output's columns and tags (8 categorical incl. the ``genres`` list, 6 target encodings, the
-    binary and the regression target), with small cardinalities."""
-    return Schema(
-        [_categorical(name) for name in CATEGORICAL]
-        + [ColumnSchema(name, tags=[Tags.CONTINUOUS], dtype="float32") for name in CONTINUOUS]
-        + [ColumnSchema("rating_binary", tags=[Tags.TARGET, Tags.BINARY_CLASSIFICATION], dtype="int64"),
-           ColumnSchema("rating", tags=[Tags.TARGET, Tags.REGRESSION], dtype="float32")]
-    )
-
-
-@pytest.fixture(scope="session")
-def tiny_batch() -> dict[str, np.ndarray]:
-    """5 rows of ``tiny_schema``'s features: ids ``(5, 1)`` (never 0, the padding row), ``genres`` ``(5, 3)``
-    padded with 0 (one row has none), target encodings ``(5, 1)``."""
-    rng = np.random.default_rng(0)
-    batch = {name: rng.integers(1, card, size=(ROWS, 1)) for name, (card, _) in CATEGORICAL.items() if name != "genres"}
-    batch["genres"] = np.array([[1, 3, 0], [2, 0, 0], [4, 5, 6], [0, 0, 0], [6, 1, 0]])
-    batch.update({name: rng.normal(size=(ROWS, 1)).astype("float32") for name in CONTINUOUS})
-    return batch
 
 
 @keras.saving.register_keras_serializable(package="tests")

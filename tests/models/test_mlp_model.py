@@ -1,4 +1,5 @@
-"""pipeline/models/mlp_model.py: MLPModel built from the tiny schema alone, one output per target, saved and reloaded."""
+"""pipeline/models/mlp_model.py: MLPModel built from the tiny schema alone, one output per target, saved and
+reloaded."""
 
 from __future__ import annotations
 

@@ -60,7 +60,8 @@ def saved(etl_dir, tmp_path_factory):
     body = mm.InputBlock(train.schema, 16, continuous_block=mm.MLPBlock([16])).connect(
         mm.CrossBlock(depth=2), mm.MLPBlock([32, 16], dropout=0.1, normalization="batch_norm")
     )
-    model = mm.Model(body, mm.BinaryOutput("rating_binary", pre=mm.LogitsTemperatureScaler(2.0)), mm.RegressionOutput("rating"))
+    model = mm.Model(body, mm.BinaryOutput("rating_binary", pre=mm.LogitsTemperatureScaler(2.0)),
+                     mm.RegressionOutput("rating"))
     model.compile(optimizer="adam")
     out["history"] = model.fit(train, batch_size=2048, epochs=1, verbose=0).history
     out["file_before"] = model.predict(valid, batch_size=1024, verbose=0)
