@@ -254,8 +254,10 @@ def run_etl(
                 dask_cluster(device, workers=workers, scheduler=dask_scheduler):
             fit_dir = tmp / ".fit"
             workflow = movielens_workflow(variant, movielens.movies, movielens.users, out_path=fit_dir, seed=seed)
-            train_set = merlin.io.Dataset(train, npartitions=n_parts, cpu=cpu)
-            valid_set = merlin.io.Dataset(valid, npartitions=_partitions(valid, n_part_bytes), cpu=cpu)
+            from pipeline.cluster import cluster_dataset  # on a cluster: partitions sent to the workers once
+
+            train_set = cluster_dataset(train, n_parts, cpu=cpu)
+            valid_set = cluster_dataset(valid, _partitions(valid, n_part_bytes), cpu=cpu)
 
             with _phase("fit", seconds, progress), out_of_fold(workflow):
                 workflow.fit(train_set)
@@ -319,11 +321,12 @@ def _cluster_failures(out: Path, cluster: str | None):
         yield
         return
     from distributed import KilledWorker
+    from distributed.client import FutureCancelledError  # a lost worker held partitions nothing can recompute
     from distributed.comm.core import CommClosedError
 
     try:
         yield
-    except (KilledWorker, CommClosedError) as err:
+    except (KilledWorker, CommClosedError, FutureCancelledError) as err:
         raise DeviceError(
             f"the Dask cluster ({cluster}) lost a worker or its connection during the ETL "
             f"({type(err).__name__}: {str(err)[:200]}); {out} was left as it was: re-run when the cluster is healthy"
