@@ -36,7 +36,7 @@ from pipeline.errors import ArtifactError, DataError, TrainingDiverged, UsageErr
 from pipeline.config import add_arguments as add_config_arguments
 from pipeline.config import from_args, setting
 from pipeline.manifest import read_manifest, write_manifest
-from pipeline.registry import ARCHITECTURES
+from pipeline.registry import ARCHITECTURES, RETRIEVAL_ARCHITECTURES
 from pipeline.schema import SUMMARY_FIELDS, schema_fingerprint, schema_summary
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class TrainConfig:
     """
 
     model: str = setting("dlrm", "model architecture, built from the schema", flag="--arch",
-                         choices=ARCHITECTURES, old_flags=("--model",))
+                         choices=ARCHITECTURES + RETRIEVAL_ARCHITECTURES, old_flags=("--model",))
     epochs: int = setting(50, "the most epochs to train (early stopping usually ends sooner)")
     batch_size: int = setting(1024, "rows per training step")
     learning_rate: float = setting(2e-3, "the optimizer's learning rate")
@@ -100,8 +100,8 @@ class TrainConfig:
 
     def check(self) -> None:
         """``UsageError`` naming the flag of the first setting that cannot train a model."""
-        if self.model not in ARCHITECTURES:
-            raise UsageError(f"--arch {self.model!r} is not one of {', '.join(ARCHITECTURES)}")
+        if self.model not in ARCHITECTURES + RETRIEVAL_ARCHITECTURES:
+            raise UsageError(f"--arch {self.model!r} is not one of {', '.join(ARCHITECTURES + RETRIEVAL_ARCHITECTURES)}")
         if self.epochs < 1:
             raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -523,6 +523,10 @@ def train_model(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     config = replace(config or TrainConfig(), **settings)
     config.check()
+    if config.model in RETRIEVAL_ARCHITECTURES:  # trained on positives by its own loop (pipeline.retrieval.fit)
+        from pipeline.retrieval import train_two_tower
+
+        return train_two_tower(data_dir, out_dir, config, overwrite=overwrite, verbose=verbose)
     model, epochs, batch_size, seed = config.model, config.epochs, config.batch_size, config.seed
     learning_rate, weight_decay, lr_schedule = config.learning_rate, config.weight_decay, config.lr_schedule
     early_stopping, patience, select_fraction = config.early_stopping, config.patience, config.select_fraction
