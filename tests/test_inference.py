@@ -178,7 +178,8 @@ def test_recommend_refuses_to_answer_with_non_finite_scores(predictor, raw_valid
 
 def _rated_in_train(etl_dir, predictor, user) -> list[int]:
     """Raw movieIds the user rated in the processed train split, decoded through the workflow."""
-    train = pd.concat(pd.read_parquet(f, columns=["userId", "movieId"]) for f in sorted((etl_dir / "train").glob("*.parquet")))
+    train = pd.concat(pd.read_parquet(f, columns=["userId", "movieId"])
+                      for f in sorted((etl_dir / "train").glob("*.parquet")))
     candidates = pd.DataFrame({"userId": user, "movieId": predictor.candidate_items})
     encoded = predictor.transform(candidates)
     user_code = encoded["userId"].iloc[0]

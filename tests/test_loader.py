@@ -153,7 +153,8 @@ def test_a_plain_keras_model_trains_on_the_loader(valid):
 
     from pipeline.loader import Loader
 
-    loader = Loader(valid, 1024, shuffle=True, features=["TE_movieId_rating", "TE_userId_rating"], targets=["rating_binary"])
+    loader = Loader(valid, 1024, shuffle=True, features=["TE_movieId_rating", "TE_userId_rating"],
+                    targets=["rating_binary"])
     inputs = {name: keras.Input((1,), name=name) for name in loader.feature_names}
     hidden = keras.layers.Concatenate()([inputs[n] for n in loader.feature_names])
     model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(hidden))

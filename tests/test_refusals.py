@@ -80,7 +80,8 @@ REFUSED = {
     "etl onto its raw data, with --overwrite": (
         ["etl", "--dataset", "ml-1m", "--raw", "{ws}/raw", "--out", "{ws}/raw", "--overwrite"], "is --raw"),
     "etl into a folder holding its raw data": (
-        ["etl", "--dataset", "ml-1m", "--raw", "{ws}/raw", "--out", "{ws}", "--overwrite"], "--out {ws} contains --raw"),
+        ["etl", "--dataset", "ml-1m", "--raw", "{ws}/raw", "--out", "{ws}", "--overwrite"],
+        "--out {ws} contains --raw"),
     "etl onto a file": (
         ["etl", "--dataset", "ml-1m", "--raw", "{ws}/raw", "--out", "{ws}/notes.txt"],
         "is an existing file that is not a previous `etl` output"),
@@ -91,7 +92,8 @@ REFUSED = {
     "train into its ETL output": (
         ["train", "--data", "{ws}/etl", "--out", "{ws}/etl/models/m", "--overwrite"], "is inside --data"),
     "train into a user's directory": (
-        ["train", "--data", "{ws}/etl", "--out", "{ws}/mine"], "is an existing directory that is not a previous `train`"),
+        ["train", "--data", "{ws}/etl", "--out", "{ws}/mine"],
+        "is an existing directory that is not a previous `train`"),
     "train with a NaN learning rate": (
         ["train", "--data", "{ws}/etl", "--out", "{ws}/model", "--learning-rate", "nan"],
         "--learning-rate must be a positive finite number, got nan"),
@@ -176,7 +178,8 @@ def test_a_full_disk_leaves_the_previous_output_and_no_partial_run(workspace):
     done = cli("etl", "--dataset", "ml-1m", "--raw", str(workspace / "raw"), "--out", str(workspace / "etl"),
                limit_file_size=100_000)
     assert done.returncode == 2
-    assert error_line(done).startswith(f"error: {workspace / 'etl'}: File too large (while building it; nothing was replaced)")
+    assert error_line(done).startswith(
+        f"error: {workspace / 'etl'}: File too large (while building it; nothing was replaced)")
     assert snapshot(workspace) == before
     assert sorted(p.name for p in workspace.iterdir()) == sorted(
         ["raw", "etl", "model", "mine", "notes.txt", "requests.csv"])

@@ -63,7 +63,8 @@ def test_an_unseen_user_gets_a_score(client, predictor, pairs):
     assert response.status_code == 200
     (score,) = response.json()["scores"]
     assert 0.0 < score < 1.0
-    assert score == pytest.approx(predictor.predict(pd.DataFrame({"userId": [UNSEEN_USER], "movieId": [movie]}))[0], abs=1e-6)
+    expected = predictor.predict(pd.DataFrame({"userId": [UNSEEN_USER], "movieId": [movie]}))[0]
+    assert score == pytest.approx(expected, abs=1e-6)
 
 
 def test_recommend_returns_the_top_k_over_all_movies(client, predictor):
@@ -76,7 +77,8 @@ def test_recommend_returns_the_top_k_over_all_movies(client, predictor):
     np.testing.assert_allclose([item["score"] for item in body["items"]], [s for _, s in expected], atol=1e-6)
 
     fresh = client.get("/recommend", params={"userId": 7, "k": 10, "exclude_rated": "true"}).json()
-    assert [item["movieId"] for item in fresh["items"]] == [m for m, _ in predictor.recommend(7, k=10, exclude_rated=True)]
+    expected = [m for m, _ in predictor.recommend(7, k=10, exclude_rated=True)]
+    assert [item["movieId"] for item in fresh["items"]] == expected
 
 
 @pytest.mark.parametrize(

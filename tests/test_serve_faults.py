@@ -78,7 +78,8 @@ def test_a_request_that_waits_too_long_gets_a_504_and_is_dropped(predictor, monk
     with serve_in_background(predictor, request_timeout=0.5) as running, \
             httpx.Client(base_url=running.url, timeout=30) as http:
         monkeypatch.setattr(predictor, "validate", gate)
-        blocked = threading.Thread(target=http.post, args=("/predict",), kwargs={"json": {"pairs": [{"userId": 1, "movieId": 1}]}})
+        blocked = threading.Thread(target=http.post, args=("/predict",),
+                                   kwargs={"json": {"pairs": [{"userId": 1, "movieId": 1}]}})
         blocked.start()
         assert gate.entered.wait(30)
         with httpx.Client(base_url=running.url, timeout=30) as other:

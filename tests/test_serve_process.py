@@ -120,7 +120,8 @@ def test_an_oversize_body_is_cut_off_without_growing_the_servers_memory(server):
     assert grown < 50, f"peak RSS grew by {grown:.0f} MB"
     assert httpx.get(url + "/healthz").json() == {"status": "ok"}
 
-    response = httpx.post(url + "/predict", content=b" " * (BODY_LIMIT + 1), headers={"content-type": "application/json"})
+    response = httpx.post(url + "/predict", content=b" " * (BODY_LIMIT + 1),
+                          headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json() == {"error": f"request body larger than {BODY_LIMIT} bytes"}
 
 

@@ -51,7 +51,8 @@ def test_model_dir_holds_model_export_metrics_schema_and_config(model_dir, etl_d
     epoch = metrics["epochs"][-1]
     n_epochs = len(metrics["epochs"])
     assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, n_epochs + 1))
-    assert epoch["seconds"] > 0 and epoch["samples_per_second"] == pytest.approx(metrics["fit_rows"] / epoch["seconds"], rel=0.01)
+    assert epoch["seconds"] > 0
+    assert epoch["samples_per_second"] == pytest.approx(metrics["fit_rows"] / epoch["seconds"], rel=0.01)
     # Model selection: the epoch with the best AUC on the held-out training rows, never the valid split.
     selection = metrics["model_selection"]
     assert selection["select_rows"] + selection["fit_rows"] == metrics["train_rows"] and selection["select_rows"] > 0
@@ -60,12 +61,15 @@ def test_model_dir_holds_model_export_metrics_schema_and_config(model_dir, etl_d
     assert selection["epoch"] == best and metrics["epochs"][best - 1]["select"]["auc"] == max(
         e["select"]["auc"] for e in metrics["epochs"])
     # early stopping: the run ends `patience` epochs after the best one, or at the cap
-    assert n_epochs - best == config_patience(model_dir) or n_epochs == json.loads((model_dir / "config.json").read_text())["epochs"]
-    assert metrics["scored"] == {"split": "valid", "path": str((etl_dir / "valid").resolve()), "rows": metrics["valid_rows"],
+    cap = json.loads((model_dir / "config.json").read_text())["epochs"]
+    assert n_epochs - best == config_patience(model_dir) or n_epochs == cap
+    assert metrics["scored"] == {"split": "valid", "path": str((etl_dir / "valid").resolve()),
+                                 "rows": metrics["valid_rows"],
                                  "read_by_model_selection": False}
     assert not (model_dir / "holdout").exists()  # the fit / select copies are not published
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["model"] == "dlrm" and config["batch_size"] == 1024 and config["targets"] == ["rating_binary", "rating"]
+    assert config["model"] == "dlrm" and config["batch_size"] == 1024
+    assert config["targets"] == ["rating_binary", "rating"]
     assert config["schema_fingerprint"] == schema_fingerprint(Dataset(str(etl_dir / "train"), engine="parquet").schema)
     assert (model_dir / "schema.pbtxt").read_text() == (etl_dir / "train" / "schema.pbtxt").read_text()
 
@@ -91,8 +95,8 @@ def test_published_model_is_the_best_epoch_on_the_selection_rows(model_dir, etl_
                                   checkpoint.predict(features, verbose=0)["rating_binary"])
 
 
-def test_selection_rows_are_a_seeded_slice_of_train_and_the_valid_split_cannot_change_the_model(straight_run, etl_splits,
-                                                                                               tmp_path):
+def test_selection_rows_are_a_seeded_slice_of_train_and_the_valid_split_cannot_change_the_model(
+        straight_run, etl_splits, tmp_path):
     """The selection slice depends on the seed only; corrupting every valid label changes the reported AUC
     and nothing else: the same epochs, the same selection AUCs, the same weights."""
     from pipeline.train import selection_mask
@@ -216,7 +220,8 @@ def test_same_seed_same_model_and_a_killed_run_resumes_where_it_stopped(straight
     assert [e["epoch"] for e in resumed_metrics["epochs"]] == [1, 2, 3]
     assert resumed_metrics["valid"] == straight_metrics["valid"]
     np.testing.assert_array_equal(predict_valid(killed, etl_splits), predict_valid(straight, etl_splits))
-    assert resumed_metrics["epochs"][0]["select"] == straight_metrics["epochs"][0]["select"]  # epoch 1 ran before the kill
+    # epoch 1 ran before the kill
+    assert resumed_metrics["epochs"][0]["select"] == straight_metrics["epochs"][0]["select"]
     assert resumed_metrics["best_epoch"] == straight_metrics["best_epoch"]
 
 
@@ -320,14 +325,16 @@ def biased_mf_auc(train: pd.DataFrame, valid: pd.DataFrame, select: np.ndarray, 
         stars = rows["rating"].to_numpy(float)
         mean = stars.mean()
         rng = np.random.default_rng(0)
-        p, q = np.zeros((n_users, rank + 1)), np.hstack([np.zeros((n_movies, 1)), 0.1 * rng.standard_normal((n_movies, rank))])
+        p = np.zeros((n_users, rank + 1))
+        q = np.hstack([np.zeros((n_movies, 1)), 0.1 * rng.standard_normal((n_movies, rank))])
 
         def solve(keys, n, other, offset):  # per key: ridge of (stars - mean - offset) on [1, other factors]
             out = np.zeros((n, rank + 1))
             x = np.hstack([np.ones((len(keys), 1)), other])
             for k in np.unique(keys):
                 idx = keys == k
-                out[k] = np.linalg.solve(x[idx].T @ x[idx] + lam * np.eye(rank + 1), x[idx].T @ (stars[idx] - mean - offset[idx]))
+                out[k] = np.linalg.solve(x[idx].T @ x[idx] + lam * np.eye(rank + 1),
+                                         x[idx].T @ (stars[idx] - mean - offset[idx]))
             return out
 
         for _ in range(6):

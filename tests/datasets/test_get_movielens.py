@@ -16,7 +16,8 @@ def test_get_movielens_runs_the_etl_once_and_reuses_it(synthetic_raw, etl_dir, t
     shutil.copytree(synthetic_raw, tmp_path / "ml-1m")  # ml-1m's format, as the zip unpacks
     train, valid = get_movielens(variant="ml-1m", path=tmp_path)
     summary = (tmp_path / "ml-1m-etl" / "etl.json").read_text()
-    assert train.num_rows == json.loads(summary)["rows"]["train"] and valid.num_rows == json.loads(summary)["rows"]["valid"]
+    rows = json.loads(summary)["rows"]
+    assert train.num_rows == rows["train"] and valid.num_rows == rows["valid"]
     # the same workflow, split and seed defaults as `python -m pipeline etl`: the session's ETL output
     for split, dataset in (("train", train), ("valid", valid)):
         ours = dataset.to_ddf().compute().reset_index(drop=True)
