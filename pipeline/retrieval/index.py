@@ -99,3 +99,27 @@ class BruteForceIndex(ItemIndex):
             rows[q], top[q] = best, s[best]
         rows[~np.isfinite(top)] = -1
         return rows, top
+
+
+def limit_blas_threads(threads: int = 1) -> bool:
+    """Cap numpy's OpenBLAS at ``threads`` threads for the rest of the process; returns whether it could.
+
+    A one-query search is a matrix-vector product that one core does in ~1 ms at 59k x 64; OpenBLAS' default
+    of one thread per core made it 16 ms p50 on the shared 2-core machine (its threads wait for each other and
+    for the cores the HTTP server and TensorFlow use). numpy's wheels bundle scipy-openblas, whose setter is
+    reached with ctypes (no threadpoolctl in the stack); other builds are left as they are (logged).
+    """
+    import ctypes
+    import glob
+    import logging
+    import os
+
+    libs = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    for path in glob.glob(os.path.join(libs, "*openblas*")):
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(int(threads))
+                return True
+    logging.getLogger(__name__).info("numpy's BLAS thread count not changed (no bundled OpenBLAS found)")
+    return False
