@@ -115,6 +115,19 @@ def from_args(config: type[C], args: argparse.Namespace, **overrides: Any) -> C:
     return config(**values)
 
 
+def documented(config: type[C]) -> type[C]:
+    """Class decorator: append an ``Args:`` section to the config's docstring, one line per field from its
+    ``setting`` help and default, so the docs, ``--help`` and the defaults cannot drift apart."""
+    lines = ["    Args:"]
+    for field in dataclasses.fields(config):
+        lines.append(f"        {field.name}: {field.metadata.get('help', '').replace('%%', '%')} "
+                     f"(default {field.default!r}).")
+    doc = (config.__doc__ or "").rstrip()
+    head, sep, example = doc.partition("\n    Example:")
+    config.__doc__ = head.rstrip() + "\n\n" + "\n".join(lines) + "\n" + (sep + example + "\n" if sep else "")
+    return config
+
+
 def _field_type(field: dataclasses.Field) -> type:
     """The scalar type argparse converts a field's value to (from its annotation, else its default)."""
     annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import add_arguments as add_config_arguments
-from pipeline.config import from_args, setting
+from pipeline.config import documented, from_args, setting
 from pipeline.errors import DataError, DeviceError, UsageError
 from pipeline.registry import DATASETS, DEVICES, SPLITS
 
@@ -138,11 +138,10 @@ def locate_raw(dataset: str, raw: Path | None, **synthetic_size) -> Path:
         raise DataError(f"no raw {dataset} files at {DATA_DIR / 'raw' / dataset} (or pass --raw PATH); {err}") from None
 
 
+@documented
 @dataclass(frozen=True)
 class EtlConfig:
     """Every setting of the ETL stage: ``run_etl``'s keywords and the CLI's flags (etl.json records them).
-
-    Args: see each field's help (``python -m pipeline etl --help`` prints them with their defaults).
 
     Example:
         >>> EtlConfig(split="temporal").valid_fraction

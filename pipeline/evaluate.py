@@ -119,7 +119,7 @@ def _is_report(path: Path) -> bool:
         return False
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> dict:
     from pipeline.atomic import atomic_file, check_output
 
     check_output(args.out, stage="evaluate", flag="--out", is_previous_output=_is_report, kind="file",
@@ -129,5 +129,4 @@ def main(args: argparse.Namespace) -> int:
     with atomic_file(args.out) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     summary = {name: {k: round(v, 4) for k, v in m.items() if "@" in k} for name, m in report["metrics"].items()}
-    print(json.dumps({"out": str(args.out), "users": report["users"], "metrics": summary}, indent=2))
-    return 0
+    return {"out": str(args.out), "users": report["users"], "metrics": summary}

@@ -204,6 +204,13 @@ class Loader(keras.utils.PyDataset):
 
     Each item is ``(features, targets)`` (or ``features``): features maps a column name to a
     ``(batch, 1)`` tensor, or ``(batch, max_len)`` for list columns.
+
+    Example:
+        >>> from merlin.io import Dataset
+        >>> loader = Loader(Dataset("data/synthetic/etl/train", engine="parquet"), 1024, shuffle=True)  # doctest: +SKIP
+        >>> features, targets = loader[0]  # doctest: +SKIP
+        >>> features["userId"].shape, targets["rating_binary"].shape  # doctest: +SKIP
+        (TensorShape([1024, 1]), TensorShape([1024, 1]))
     """
 
     def __init__(

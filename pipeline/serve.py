@@ -61,7 +61,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from pipeline.config import add_arguments as add_config_arguments
-from pipeline.config import add_renamed, from_args, setting
+from pipeline.config import add_renamed, documented, from_args, setting
 from pipeline.errors import DataError, PipelineError, UsageError
 
 if TYPE_CHECKING:
@@ -1140,6 +1140,7 @@ def mixed_load(url: str, pairs: pd.DataFrame, *, clients: int = 20, requests_per
 # --------------------------------------------------------------------------------------------
 
 
+@documented
 @dataclass(frozen=True)
 class ServeConfig:
     """The settings of the HTTP service (``python -m pipeline serve --help`` shows them with their defaults).

@@ -34,7 +34,7 @@ from pathlib import Path
 from pipeline.atomic import check_output, replace_dir
 from pipeline.errors import ArtifactError, DataError, TrainingDiverged, UsageError
 from pipeline.config import add_arguments as add_config_arguments
-from pipeline.config import from_args, setting
+from pipeline.config import documented, from_args, setting
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.registry import ARCHITECTURES, RETRIEVAL_ARCHITECTURES
 from pipeline.schema import SUMMARY_FIELDS, schema_fingerprint, schema_summary
@@ -54,11 +54,10 @@ SELECT_MAX_ROWS = 100_000  # enough for a stable AUC; more only slows every epoc
 # 0.771 (same as constant); without the title and zipcode embeddings 0.754 (their dot products with the user
 # embedding learn the user x movie affinity sooner); 32-wide embeddings no better (0.757 at weight decay 1.0).
 # benchmarks/results/quality.md has the figures of these defaults on every benchmark dataset.
+@documented
 @dataclass(frozen=True)
 class TrainConfig:
     """Every setting of the train stage: ``train_model``'s keywords, the CLI's flags, config.json's fields.
-
-    Args: see each field's help (``python -m pipeline train --help`` prints them with their defaults).
 
     Example:
         >>> config = TrainConfig(epochs=3, embedding_dim=32)

@@ -41,6 +41,11 @@ class Artifacts:
         model: the loaded Keras model.
         config: ``model_dir/config.json``.
         metrics: ``model_dir/metrics.json`` (``{}`` if absent).
+
+    Example:
+        >>> artifacts = load_artifacts("data/synthetic/etl", "data/synthetic/models/dlrm")  # doctest: +SKIP
+        >>> artifacts.serving.input_schema.column_names  # doctest: +SKIP
+        ['userId', 'movieId']
     """
 
     etl_dir: Path

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import add_arguments as add_config_arguments
-from pipeline.config import add_renamed, from_args, setting, spelling
+from pipeline.config import add_renamed, documented, from_args, setting, spelling
 from pipeline.errors import ArtifactError, DataError, UsageError
 from pipeline.inference.artifacts import REQUEST_DTYPE
 from pipeline.inference.predictor import Predictor
@@ -177,6 +177,7 @@ def _count_rows(path: Path) -> int | None:
     return None
 
 
+@documented
 @dataclass(frozen=True)
 class PredictConfig:
     """The settings of the predict stage (``python -m pipeline predict --help`` shows them with their defaults).

@@ -26,6 +26,11 @@ class ModelInput:
         name: the feature (a column of the serving graph's output).
         dtype: the numpy dtype the model takes.
         width: for a list column, the padded width the model was built on (``None`` for scalars).
+
+    Example:
+        >>> import numpy as np
+        >>> ModelInput("genres", np.dtype("int64"), width=6)
+        ModelInput(name='genres', dtype=dtype('int64'), width=6)
     """
 
     name: str
