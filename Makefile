@@ -30,6 +30,7 @@ run: setup
 		--input examples/requests.csv --out $(DATA)/predictions.parquet
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # Regenerate requirements/lock.txt from requirements/requirements.in + overrides.txt.

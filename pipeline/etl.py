@@ -239,7 +239,6 @@ def run_etl(
                 train, valid = split_ratings(movielens.ratings, split, valid_fraction, seed)
             _check_split(train, valid)
 
-        import merlin.io
         import nvtabular  # noqa: F401  (imported before the workflow module, outside the timed phases)
 
         from pipeline.atomic import atomic_dir

@@ -50,8 +50,15 @@ def evaluate_models(data_dir: str | Path, model_dirs: list[str | Path], *, candi
     two-tower and a ranking model) on ``data_dir``'s valid split; returns the report written by the CLI."""
     import pipeline  # noqa: F401  (dask settings before merlin)
     from pipeline.inference import Predictor
-    from pipeline.retrieval.ranking import (CUTOFFS, HeldOut, evaluate_rankers, popularity_ranker, rank_all_ranker,
-                                            retrieval_ranker, two_stage_ranker)
+    from pipeline.retrieval.ranking import (
+        CUTOFFS,
+        HeldOut,
+        evaluate_rankers,
+        popularity_ranker,
+        rank_all_ranker,
+        retrieval_ranker,
+        two_stage_ranker,
+    )
     from pipeline.retrieval.retriever import Retriever
 
     if not model_dirs:

@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipeline.atomic import check_output, replace_dir
-from pipeline.errors import ArtifactError, DataError, TrainingDiverged, UsageError
 from pipeline.config import add_arguments as add_config_arguments
 from pipeline.config import documented, from_args, setting
+from pipeline.errors import ArtifactError, DataError, TrainingDiverged, UsageError
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.registry import ARCHITECTURES, RETRIEVAL_ARCHITECTURES
 from pipeline.schema import SUMMARY_FIELDS, schema_fingerprint, schema_summary

@@ -14,7 +14,11 @@ One module a concept:
 
 from pipeline.inference.artifacts import REQUEST_DTYPE, Artifacts, known_ids, load_artifacts, rated_by_user
 from pipeline.inference.batch import (
-    PredictConfig, check_predict_paths, is_predictions_file, iter_input_batches, predict_file,
+    PredictConfig,
+    check_predict_paths,
+    is_predictions_file,
+    iter_input_batches,
+    predict_file,
 )
 from pipeline.inference.cache import FeatureCache
 from pipeline.inference.features import FeatureAssembler, ModelInput, model_inputs, request_ids

@@ -65,9 +65,10 @@ class Artifacts:
 
 def load_artifacts(etl_dir: str | Path, model_dir: str | Path) -> Artifacts:
     """Verify and load ``etl_dir/workflow`` and ``model_dir/model.keras``; ``ArtifactError`` on any mismatch."""
-    import pipeline  # noqa: F401  (dask settings before nvtabular)
     import nvtabular as nvt
     from merlin.schema import Tags
+
+    import pipeline  # noqa: F401  (dask settings before nvtabular)
 
     etl_dir, model_dir = Path(etl_dir), Path(model_dir)
     workflow_dir, model_file = etl_dir / "workflow", model_dir / "model.keras"

@@ -96,9 +96,9 @@ def fit_two_tower(data_dir: str | Path, out_dir: str | Path, *, epochs: int = DE
 
     import keras
     import tensorflow as tf
+    from merlin.io import Dataset
 
     import pipeline.models as mm
-    from merlin.io import Dataset
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()

@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.datasets import generate_synthetic, read_movielens, read_oracle, read_synthetic_params
 from pipeline.datasets.constants import ML1M_RATING_SHARES
-from pipeline.metrics import roc_auc
 from pipeline.errors import DataError
+from pipeline.metrics import roc_auc
 
 SMALL = dict(n_users=400, n_movies=300, n_ratings=40_000)
 
