@@ -60,6 +60,9 @@ MODE_ENV = "PIPELINE_LOADER"  # overrides "auto"; an explicit mode= argument ove
 # "auto" holds a split in memory when its arrays, with room for the read, take at most this share of
 # the memory available now (MemAvailable): other processes and the model keep the rest.
 MEMORY_FRACTION = 0.25
+# ... and never above this size, whatever is free: past it the data streams (issue 15: 20M training rows
+# needed 3.4 GiB, within a quarter of 21 GiB free, and would have held the train process above 4 GB).
+MEMORY_MAX_BYTES = 2 << 30
 
 
 def list_columns(dataset: Dataset) -> set[str]:
@@ -178,9 +181,11 @@ def choose_mode(dataset: Dataset, mode: str | None, *, rows: int, row_bytes: int
     available = available_memory()
     if available is None:
         return "stream", "the available memory is unknown"
-    verdict = "memory" if needed <= MEMORY_FRACTION * available else "stream"
+    limit = min(MEMORY_FRACTION * available, MEMORY_MAX_BYTES)
+    verdict = "memory" if needed <= limit else "stream"
     return verdict, (f"needs ~{needed / 2**20:,.0f} MiB, {MEMORY_FRACTION:.0%} of the {available / 2**20:,.0f} MiB "
-                     f"available is {MEMORY_FRACTION * available / 2**20:,.0f} MiB")
+                     f"available is {MEMORY_FRACTION * available / 2**20:,.0f} MiB, the cap "
+                     f"{MEMORY_MAX_BYTES / 2**20:,.0f} MiB")
 
 
 class Loader(keras.utils.PyDataset):
