@@ -109,3 +109,15 @@ def test_the_model_dir_records_its_ranking_metrics_next_to_popularity(two_tower_
         ranking = metrics["ranking"][name]
         assert 0 < ranking["recall@10"] <= ranking["recall@50"] <= 1 and ranking["users"] > 100
     assert len(metrics["epochs"]) == 4 and metrics["epochs"][-1]["train"]["loss"] < metrics["epochs"][0]["train"]["loss"]
+
+
+def test_train_two_tower_takes_the_train_stages_settings_that_differ_from_its_defaults(etl_dir, tmp_path):
+    from pipeline.retrieval import Retriever, train_two_tower
+    from pipeline.train import TrainConfig
+
+    metrics = train_two_tower(etl_dir, tmp_path / "tt", TrainConfig(epochs=2, batch_size=512), verbose=0)
+    config = json.loads((tmp_path / "tt" / "config.json").read_text())
+    # epochs and batch size as given; the embedding width the stage's default (16) leaves to the two-tower's (64)
+    assert (config["epochs"], config["batch_size"], config["embedding_dim"]) == (2, 512, 64)
+    assert metrics["best_epoch"] == 2 and len(metrics["epochs"]) == 2
+    assert len(Retriever.load(etl_dir, tmp_path / "tt").retrieve(7, k=5)) == 5
