@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from machine import describe_machine, write_results  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
