@@ -17,6 +17,7 @@ from pipeline.errors import DataError
 from pipeline.models.core import Block, ParallelBlock, register
 
 COMBINERS = ("mean", "sum")
+EMBEDDING_INIT_STDDEV = 0.05  # of every embedding table (read when a table is built)
 
 
 def cardinality(column) -> int:
@@ -50,12 +51,13 @@ def table_spec(col, embedding_dim: int | None, embedding_dims: Mapping[str, int]
 
 
 def embedding_tables(tables: Mapping[str, Mapping]) -> dict:
-    """One ``keras.layers.Embedding`` per ``{name: {"cardinality", "dim"}}``."""
+    """One ``keras.layers.Embedding`` per ``{name: {"cardinality", "dim"}}``, initialised N(0, EMBEDDING_INIT_STDDEV)
+    truncated at two standard deviations."""
     return {
         name: keras.layers.Embedding(
             int(spec["cardinality"]),
             int(spec["dim"]),
-            embeddings_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
+            embeddings_initializer=keras.initializers.TruncatedNormal(stddev=EMBEDDING_INIT_STDDEV),
             name=f"embedding_{name}",
         )
         for name, spec in tables.items()
