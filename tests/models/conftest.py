@@ -93,3 +93,22 @@ def round_trip(tmp_path):
     """``round_trip(layer, inputs)``: the shared layer check (config, save/load, same outputs); returns the
     outputs."""
     return lambda layer, inputs: _round_trip(layer, inputs, tmp_path)
+
+
+@pytest.fixture
+def ranking_model_check(tiny_batch, tmp_path):
+    """``check(model)`` for a ranking model built from ``tiny_schema``: one ``(5, 1)`` output per target
+    (``rating_binary`` first, a probability), and the same scores after a ``.keras`` save and reload."""
+    import pipeline.models as mm
+
+    def check(model) -> None:
+        scores = {k: np.asarray(v) for k, v in model(tiny_batch).items()}
+        assert model.target_names == ["rating_binary", "rating"]
+        assert {k: v.shape for k, v in scores.items()} == {"rating_binary": (5, 1), "rating": (5, 1)}
+        assert ((scores["rating_binary"] > 0) & (scores["rating_binary"] < 1)).all()
+        model.save(tmp_path / "model.keras")
+        reloaded = mm.load_model(tmp_path / "model.keras")
+        for target, values in reloaded(tiny_batch).items():
+            np.testing.assert_allclose(np.asarray(values), scores[target], rtol=1e-6, atol=1e-6)
+
+    return check
