@@ -1,7 +1,7 @@
 """Shared fixtures: one small synthetic ml-1m raw set, its ETL output and a model trained on it; a tiny
 in-memory schema and batch shaped like the ETL output (``tiny_schema``, ``tiny_batch``) for block tests.
 
-Session-scoped so the whole suite pays for ETL and training once. Stage owners may change the
+Session-scoped so the whole suite pays for ETL, training and loading the predictor once. Stage owners may change the
 body of the fixture that calls their stage, never its name or what it returns.
 """
 
@@ -47,6 +47,15 @@ def model_dir(etl_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "dlrm"
     train_model(etl_dir, out, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def predictor(etl_dir, model_dir):
+    """``Predictor.load(etl_dir, model_dir)`` with its feature cache, shared by the inference, serve and export
+    tests (a test that changes it does so through ``monkeypatch``, which puts it back)."""
+    from pipeline.inference import Predictor
+
+    return Predictor.load(etl_dir, model_dir)
 
 
 @pytest.fixture(scope="session")

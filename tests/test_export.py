@@ -35,13 +35,6 @@ print(json.dumps({"score": out["score"].numpy().tolist(), "negative_rejected": n
 
 
 @pytest.fixture(scope="module")
-def predictor(etl_dir, model_dir):
-    from pipeline.inference import Predictor
-
-    return Predictor.load(etl_dir, model_dir)
-
-
-@pytest.fixture(scope="module")
 def exported(etl_dir, model_dir, tmp_path_factory):
     """A copy of the session's model dir, exported in place by the CLI stage: ``(model copy, export dir)``."""
     from pipeline.cli import main
@@ -97,16 +90,13 @@ def test_an_export_never_replaces_what_is_not_an_earlier_export(predictor, tmp_p
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
-def test_an_export_into_a_modified_model_dir_is_refused(exported, etl_dir, predictor, tmp_path):
+def test_an_export_into_a_modified_model_dir_is_refused(exported, etl_dir, predictor, tmp_path, monkeypatch):
     from pipeline.errors import ArtifactError
     from pipeline.export import export_raw_model
 
     copy = tmp_path / "model"
     shutil.copytree(exported[0], copy)
     (copy / "metrics.json").write_text("{}")  # changed after training: the manifest no longer matches
-    predictor.model_dir = copy
-    try:
-        with pytest.raises(ArtifactError, match="metrics.json"):
-            export_raw_model(predictor)
-    finally:
-        predictor.model_dir = exported[0]
+    monkeypatch.setattr(predictor, "model_dir", copy)
+    with pytest.raises(ArtifactError, match="metrics.json"):
+        export_raw_model(predictor)

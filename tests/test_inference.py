@@ -18,13 +18,6 @@ UNSEEN_MOVIE = 20_000_000
 
 
 @pytest.fixture(scope="module")
-def predictor(etl_dir, model_dir):
-    from pipeline.inference import Predictor
-
-    return Predictor.load(etl_dir, model_dir)
-
-
-@pytest.fixture(scope="module")
 def graph_predictor(etl_dir, model_dir):
     """A predictor that runs every request through the serving graph (no feature cache)."""
     from pipeline.inference import Predictor

@@ -19,13 +19,6 @@ UNSEEN_USER = 10_000_000
 
 
 @pytest.fixture(scope="module")
-def predictor(etl_dir, model_dir):
-    from pipeline.inference import Predictor
-
-    return Predictor.load(etl_dir, model_dir)
-
-
-@pytest.fixture(scope="module")
 def server(predictor):
     from pipeline.serve import serve_in_background
 

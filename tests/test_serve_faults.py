@@ -17,13 +17,6 @@ import pytest
 import pipeline  # noqa: F401  (dask settings before nvtabular)
 
 
-@pytest.fixture(scope="module")
-def predictor(etl_dir, model_dir):
-    from pipeline.inference import Predictor
-
-    return Predictor.load(etl_dir, model_dir)
-
-
 def one_pair(user: int, movie: int) -> pd.DataFrame:
     return pd.DataFrame({"userId": [user], "movieId": [movie]})
 

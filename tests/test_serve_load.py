@@ -7,16 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 
 import pipeline  # noqa: F401  (dask settings before nvtabular)
-
-
-@pytest.fixture(scope="module")
-def predictor(etl_dir, model_dir):
-    from pipeline.inference import Predictor
-
-    return Predictor.load(etl_dir, model_dir)
 
 
 def test_mixed_load_loses_nothing_mixes_nothing_and_leaves_the_server_healthy(predictor):

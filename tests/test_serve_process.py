@@ -24,13 +24,6 @@ BODY_LIMIT = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def predictor(etl_dir, model_dir):
-    from pipeline.inference import Predictor
-
-    return Predictor.load(etl_dir, model_dir)
-
-
-@pytest.fixture(scope="module")
 def server(etl_dir, model_dir):
     """``(process, url)`` of a running ``python -m pipeline serve``."""
     from pipeline.serve import free_port
