@@ -5,9 +5,9 @@ Every output column of the MovieLens workflow is a function of the userId alone 
 alone (joins, Categorify, target encodings): that is what ``pipeline.inference.FeatureCache``
 verifies and exploits. The export bakes those per-user and per-movie tables into the graph:
 
-    userId  -> tf.lookup.StaticHashTable (raw id -> row) -> tf.gather from the user feature table  \\
-                                                                                                   -> Keras model -> score
-    movieId -> tf.lookup.StaticHashTable (raw id -> row) -> tf.gather from the movie feature table /
+    userId  -> tf.lookup.StaticHashTable (raw id -> row) -> tf.gather, user feature table  \\
+                                                                                          -> Keras model -> score
+    movieId -> tf.lookup.StaticHashTable (raw id -> row) -> tf.gather, movie feature table /
 
 An id missing from a table (an unseen user or movie) maps to one extra last row holding the
 out-of-vocabulary features, which are computed by running unseen ids through the predictor's own

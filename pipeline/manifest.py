@@ -28,7 +28,8 @@ def _manifest_files(directory: Path) -> list[Path]:
     return sorted(
         p
         for p in directory.rglob("*")
-        if p.is_file() and p.name != MANIFEST_NAME and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        if p.is_file() and p.name != MANIFEST_NAME
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
     )
 
 

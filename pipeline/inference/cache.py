@@ -61,10 +61,12 @@ class FeatureCache:
         owner: dict[str, str] = {}
         tables: dict[str, dict[str, np.ndarray]] = {}
         for key in columns:
-            others = {k: rng.choice(ids[k], size=min(references, len(ids[k])), replace=False) for k in columns if k != key}
+            others = {k: rng.choice(ids[k], size=min(references, len(ids[k])), replace=False)
+                      for k in columns if k != key}
             n_refs = max((len(v) for v in others.values()), default=1)
             frame = pd.DataFrame({key: np.tile(ids[key], n_refs),
-                                  **{k: np.repeat(v[np.arange(n_refs) % len(v)], len(ids[key])) for k, v in others.items()}})
+                                  **{k: np.repeat(v[np.arange(n_refs) % len(v)], len(ids[key]))
+                                     for k, v in others.items()}})
             arrays = assembler.arrays(transform(frame[columns]), outputs)
             tables[key] = {}
             for name, array in arrays.items():

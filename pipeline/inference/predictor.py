@@ -218,9 +218,11 @@ def _metadata(artifacts: Artifacts, inputs: list[ModelInput], target: str) -> di
 
     features = artifacts.trained_schema.select_by_name([i.name for i in inputs])
     return {
-        "model": {"dir": str(artifacts.model_dir), "file": "model.keras", "name": getattr(artifacts.model, "name", None),
-                  "config": artifacts.config, "metrics": artifacts.metrics},
-        "workflow": {"dir": str(artifacts.workflow_dir), "request_columns": list(artifacts.serving.input_schema.column_names),
+        "model": {"dir": str(artifacts.model_dir), "file": "model.keras",
+                  "name": getattr(artifacts.model, "name", None), "config": artifacts.config,
+                  "metrics": artifacts.metrics},
+        "workflow": {"dir": str(artifacts.workflow_dir),
+                     "request_columns": list(artifacts.serving.input_schema.column_names),
                      "targets_removed": artifacts.targets, **read_json(artifacts.workflow_dir / "metadata.json")},
         "schema": {c.name: {"dtype": str(c.dtype.to_numpy), "tags": sorted(str(t.value) for t in c.tags),
                             "is_list": c.is_list} for c in features},
