@@ -95,8 +95,12 @@ def _has_current_defaults(out_dir: Path) -> bool:
 
     config = json.loads((out_dir / "config.json").read_text())
     for key, value in asdict(TrainConfig()).items():
-        if key in ("model", "seed", "targets") or key not in config:
+        if key in ("model", "seed", "targets"):
             continue
+        if key not in config:  # the run predates this setting, so it was trained without it
+            print(f"    {out_dir}: trained before the {key} setting existed (default now {value!r}): retraining",
+                  flush=True)
+            return False
         if key == "patience" and not config.get("early_stopping"):
             continue
         if json.dumps(config[key]) != json.dumps(list(value) if isinstance(value, tuple) else value):
