@@ -18,9 +18,9 @@ Reported per dataset and model, mean and spread (sample standard deviation, min-
 and logloss of the published model (metrics.json ``valid``), train samples/s (mean over the epochs run, from
 metrics.json ``epochs``), parameter count (``model.count_params()`` of the saved model.keras), seconds
 (``train_model`` wall time, from the data to the published model dir, plus the fit loop's own ``fit_seconds``),
-epochs run and the epoch selected. Beside them the biased-MF and user + movie bias baselines of
-benchmarks/quality.py (``alternating_ridge``, rank 8, lambda 5, fitted to the stars) on the very same rows: the
-ETL's train and valid parquet, categorified ids as indices (an id unseen in train is the OOV row, as for the
+epochs run and the epoch selected. Beside them the popularity, user + movie bias and biased-MF baselines of
+benchmarks/quality.py (``baselines``: ALS on the stars, penalties picked on the selection rows) on the very same
+rows: the ETL's train and valid parquet, categorified ids as indices (an id unseen in train is the OOV row, as for the
 models). A dataset whose ETL dir is absent is skipped with a message.
 
 Results: ``DIR/models.json`` (every run), ``DIR/models.md`` (the table, command, machine, date) and, when
@@ -146,38 +146,17 @@ def train_in_fresh_process(data_dir: Path, out_dir: Path, model: str, seed: int,
 
 
 # --------------------------------------------------------------------------- the biased-MF baseline
-def mf_baselines(data_dir: Path) -> dict:
-    """quality.py's user + movie biases and biased MF (rank 8, lambda 5, ALS on the stars) on the ETL's own rows."""
-    import pandas as pd
-    from quality import alternating_ridge  # benchmarks/quality.py
-
-    from pipeline.metrics import roc_auc
-
-    def read(split):
-        cols = ["userId", "movieId", "rating", "rating_binary"]
-        return pd.concat([pd.read_parquet(p, columns=cols) for p in sorted((data_dir / split).glob("*.parquet"))],
-                         ignore_index=True)
+def mf_baselines(data_dir: Path, seed: int = 0) -> dict:
+    """benchmarks/quality.py's baselines on the ETL's own rows: popularity, user + movie biases and biased MF (rank
+    ``MF_RANK``, ALS on the stars), their ridge penalties picked on the selection rows of ``train --seed seed``
+    (never on the valid rows), then refitted on every training row and scored on the valid rows."""
+    from quality import MF_RANK, baselines  # benchmarks/quality.py
 
     started = time.perf_counter()
-    train, valid = read("train"), read("valid")
-    frame = pd.concat([train, valid], ignore_index=True)
-    is_train = np.zeros(len(frame), bool)
-    is_train[: len(train)] = True
-    user, movie = frame["userId"].to_numpy(np.int64), frame["movieId"].to_numpy(np.int64)
-    stars = frame["rating"].to_numpy(float)
-    centered = stars - stars[is_train].mean()
-    n_users, n_movies = int(user.max()) + 1, int(movie.max()) + 1
-    rows = np.flatnonzero(~is_train)
-    labels = frame["rating_binary"].to_numpy()[rows]
-    out = {"valid_rows": int(rows.size), "train_rows": int(is_train.sum())}
-    rank = 8
-    bias = alternating_ridge(centered, user, movie, is_train, n_users, n_movies, 0,
-                             user_precision=[5.0], movie_precision=[5.0], iters=4)
-    out["bias"] = round(float(roc_auc(labels, bias(rows))), 4)
-    mf = alternating_ridge(centered, user, movie, is_train, n_users, n_movies, rank,
-                           user_precision=[5.0] * (rank + 1), movie_precision=[5.0] * (rank + 1))
-    out["mf"] = round(float(roc_auc(labels, mf(rows))), 4)
-    out["mf_settings"] = "biased MF rank 8, ridge lambda 5, 8 ALS sweeps on centered stars (benchmarks/quality.py)"
+    out = baselines(data_dir, seed)
+    out["mf_settings"] = (f"biased MF rank {MF_RANK} (ALS on the stars, ridge penalty {out['mf_penalty']:g} picked on "
+                          f"the train --seed {seed} selection rows; benchmarks/quality.py)")
+    out["bias_settings"] = f"user + movie biases (ridge penalty {out['bias_penalty']:g}, picked the same way)"
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
 
@@ -284,9 +263,12 @@ def render(report: dict) -> str:
                 f"| {s['epochs_run']['mean']:.3g} ({s['best_epoch']['mean']:.3g}) | {vs_dlrm} | {speed} "
                 f"| {auc - base['mf']:+.4f} |")
         lines += [
-            f"| biased MF rank 8 (ALS on stars, lambda 5; benchmarks/quality.py) | | {base['mf']:.4f} | | | | | | "
-            f"{base['seconds']:.0f} (both baselines) | | | | |",
-            f"| user + movie biases (ridge on stars) | | {base['bias']:.4f} | | | | | | | | | | {base['bias'] - base['mf']:+.4f} |",
+            f"| {base.get('mf_settings', 'biased MF')} | | {base['mf']:.4f} | | | | | | "
+            f"{base['seconds']:.0f} (all baselines) | | | | |",
+            f"| {base.get('bias_settings', 'user + movie biases')} | | {base['bias']:.4f} | | | | | | | | | "
+            f"| {base['bias'] - base['mf']:+.4f} |",
+            *([f"| popularity (smoothed positive rate per movie) | | {base['popularity']:.4f} | | | | | | | | | "
+               f"| {base['popularity'] - base['mf']:+.4f} |"] if "popularity" in base else []),
         ]
         curves = [(r["model"], r["seed"], r["valid_auc_by_epoch"]) for r in d["runs"] if r.get("valid_auc_by_epoch")]
         if curves:
