@@ -137,6 +137,36 @@ class Model(keras.Model):
             self.export(str(tmp / "saved_model"), format="tf_saved_model", input_signature=[self.input_signature()],
                         verbose=False)
 
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Keras ``export``; a ``tf_saved_model`` is written by ``tf.saved_model.save`` of one ``serve`` function
+        (also the ``serving_default`` signature, the names Keras' export gives them), traced once, with the
+        model's variables.
+
+        Keras' ``ExportArchive`` traces the model's call more than once and walks every layer for lookup tables;
+        measured on real ML-100K's DLRM: 1.1-1.5 s vs 1.5-1.8 s, the same scores and signatures. A model whose
+        function captures anything else (a lookup table) goes to Keras' export, as any other format or option.
+        """
+        if format != "tf_saved_model" or kwargs or input_signature is None:
+            return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+        import tensorflow as tf
+
+        (spec,) = input_signature
+        root = tf.__internal__.tracking.AutoTrackable()  # what Keras' archive saves: the variables and `serve`
+        root.variables = list(self.variables)
+        root.trainable_variables = list(self.trainable_variables)
+        root.non_trainable_variables = list(self.non_trainable_variables)
+
+        @tf.function(input_signature=[spec], autograph=False)
+        def serve(inputs):
+            return self(inputs, training=False)
+
+        root.serve = serve
+        concrete = serve.get_concrete_function()
+        tracked = {id(v.value.handle) for v in root.variables}
+        if any(id(t) not in tracked for t in concrete.captured_inputs if t.dtype == tf.resource):
+            return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature)
+        tf.saved_model.save(root, str(filepath), signatures={"serve": concrete, "serving_default": concrete})
+
     # ----------------------------------------------------------------- training
     def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
         """Keras ``compile`` with each head's loss (and metrics: AUC, logloss, accuracy for binary
@@ -222,8 +252,31 @@ class Model(keras.Model):
             # The loader shuffles itself (Keras would shuffle batch indices, which a streaming loader
             # cannot serve) and fixes the batch size.
             batch_size, shuffle = None, False
+            self.build_training_state(x)
         return super().fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=shuffle,
                            validation_data=validation_data, callbacks=callbacks, initial_epoch=initial_epoch, **kwargs)
+
+    def build_training_state(self, data) -> None:
+        """Create the optimizer's slots and the loss and metric trackers now, from one batch of ``data`` (a
+        ``tf.data.Dataset`` or a ``Loader``), unless they exist.
+
+        Without a distribution strategy Keras creates them while tracing the first train (or test) step, and
+        a ``tf.function`` whose first trace creates variables is traced a second time: measured on real
+        ML-100K, the train step's first trace 7.2-7.9 s then a second one 2.4-3.4 s, all in epoch 1. Built
+        here (all zeros, no random draw), the step is traced once; the trained weights are the same.
+        """
+        if not getattr(self, "compiled", False):
+            return  # Keras' fit / evaluate say what is missing
+        optimizer = getattr(self, "optimizer", None)
+        pending = [getattr(self, "_compile_loss", None), getattr(self, "_compile_metrics", None)]
+        if not any(p is not None and not p.built for p in pending) and (optimizer is None or optimizer.built):
+            return
+        spec = getattr(data, "element_spec", None)
+        if spec is None:  # a Loader: its first batch (kept, and replayed to Keras)
+            if not isinstance(data, keras.utils.PyDataset) or not len(data):
+                return
+            spec = data[0]
+        self._symbolic_build(data_batch=spec)
 
     def evaluate(self, x=None, y=None, batch_size=None, **kwargs):
         """Keras ``evaluate``; ``x`` may be a ``merlin.io.Dataset``."""
@@ -232,6 +285,7 @@ class Model(keras.Model):
         x = _as_keras_input(x)
         if isinstance(x, (keras.utils.PyDataset, _tf_dataset_type())):
             batch_size = None
+            self.build_training_state(x)
         return super().evaluate(x, y, batch_size=batch_size, **kwargs)
 
     def predict(self, x, batch_size=None, **kwargs):
