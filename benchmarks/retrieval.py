@@ -11,7 +11,8 @@ Datasets (each built under --work if missing: raw data, ETL, DLRM, two-tower):
 - ``ml-100k``: real MovieLens 100K (random 80/20 split, seed 0), when data/raw/ml-100k is present.
 
 Per dataset: the DLRM is trained with the train stage's defaults (early stopping) under an epoch cap
-(``--dlrm-epochs``), the two-tower with ``pipeline.retrieval.fit_two_tower``'s defaults; metrics come from
+(``--dlrm-epochs``), the two-tower with ``pipeline.retrieval.TwoTowerConfig``'s defaults (early stopping and
+the popularity prior's weight on held-out training positives) except ``TWO_TOWER``'s per-dataset caps; metrics come from
 ``pipeline.evaluate.evaluate_models`` (the same users for every ranker; ``--max-users`` caps them per dataset,
 a seeded sample); latency is client-side, one request at a time, ``GET /recommend?k=10&exclude_rated=true``
 for random known users against ``python -m pipeline serve --retrieval`` in its own process, both paths of the
@@ -39,6 +40,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "retrieval"
 ML1M = dict(n_users=6040, n_movies=3706, n_ratings=1_000_209)
 ML25M_MOVIES = 59_047
 MAX_USERS = {"synthetic-ml-1m": 2000, "synthetic-25m-catalog": 200, "ml-100k": None}
+# the 25M catalog's 0.9M positives: larger batches (more in-batch negatives per step, fewer steps) and a lower cap
+TWO_TOWER = {"synthetic-25m-catalog": dict(epochs=8, batch_size=4096, select_users=1000)}
 
 
 def log(message: str) -> None:
@@ -49,7 +52,7 @@ def build(name: str, work: Path, args) -> tuple[Path, Path, Path, dict]:
     """``(etl_dir, dlrm_dir, two_tower_dir, sizes)`` of dataset ``name``, built under ``work`` where missing."""
     import pipeline  # noqa: F401
     from pipeline.etl import run_etl
-    from pipeline.retrieval import fit_two_tower
+    from pipeline.retrieval import TwoTowerConfig, fit_two_tower
     from pipeline.train import train_model
 
     base = work / name
@@ -79,13 +82,17 @@ def build(name: str, work: Path, args) -> tuple[Path, Path, Path, dict]:
     if not (tt / "model.keras").is_file():
         log(f"{name}: training the two-tower")
         started = time.perf_counter()
-        fit_two_tower(etl, tt, seed=0, verbose=0, evaluate=False)
+        fit_two_tower(etl, tt, TwoTowerConfig(seed=0, **TWO_TOWER.get(name, {})), verbose=0, evaluate=False)
         timings["two_tower_seconds"] = round(time.perf_counter() - started, 1)
     summary = json.loads((etl / "etl.json").read_text())
     dlrm_metrics = json.loads((dlrm / "metrics.json").read_text())
+    tt_metrics = json.loads((tt / "metrics.json").read_text())
     sizes = {"train_rows": summary["rows"]["train"], "valid_rows": summary["rows"]["valid"],
              "movies": None, "users": None, "dlrm_valid_auc": dlrm_metrics["valid"].get("auc"),
-             "dlrm_epochs": dlrm_metrics.get("best_epoch"), **timings}
+             "dlrm_epochs": dlrm_metrics.get("best_epoch"), "two_tower_epoch": tt_metrics.get("best_epoch"),
+             "two_tower_epochs_run": len(tt_metrics.get("epochs", [])),
+             "two_tower_prior_weight": tt_metrics.get("prior_weight"),
+             "two_tower_fit_seconds": tt_metrics.get("fit_seconds"), **timings}
     return etl, dlrm, tt, sizes
 
 
@@ -194,14 +201,16 @@ def render(report: dict) -> str:
              "ranked with the user's training movies excluded; binary relevance; averaged over users "
              "(`python -m pipeline evaluate`). Two-stage: 200 two-tower candidates ranked by the DLRM. "
              "Latency: client-side `GET /recommend?k=10&exclude_rated=true`, one request at a time, both paths of one "
-             "`serve --retrieval` process, interleaved.", ""]
+             "`serve --retrieval` process, one path after the other.", ""]
     for name, entry in report["datasets"].items():
         r, s, t = entry["ranking"], entry["sizes"], entry["latency"]
         m = r["metrics"]
         lines += [f"## {name}", "", f"`{entry.get('command', report['command'])}`", "",
                   f"{s['users']:,} users, {s['movies']:,} movies, {s['train_rows']:,} train / {s['valid_rows']:,} valid "
                   f"ratings; {r['users']:,} evaluated users{' (seeded sample)' if r['max_users'] else ''}; "
-                  f"DLRM valid AUC {s['dlrm_valid_auc']:.4f} (best epoch {s['dlrm_epochs']}); measured "
+                  f"DLRM valid AUC {s['dlrm_valid_auc']:.4f} (best epoch {s['dlrm_epochs']}); two-tower: epoch "
+                  f"{s.get('two_tower_epoch')} of {s.get('two_tower_epochs_run')} picked on held-out training "
+                  f"positives, popularity-prior weight {s.get('two_tower_prior_weight')}; measured "
                   f"{entry['measured_at']}, load average {r['load_average']} (metrics), {t['load_average']} (latency).", "",
                   "| ranker | Recall@10 | Recall@50 | NDCG@10 | MAP@10 | vs popularity (R@50 / NDCG@10) | seconds |",
                   "|---|---:|---:|---:|---:|---:|---:|"]

@@ -551,7 +551,6 @@ def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_dela
     ``max_body_bytes``: larger request bodies get a 413 before they are parsed.
     """
     from fastapi import FastAPI, Query, Request
-    from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -560,6 +559,15 @@ def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_dela
                            score=raw_scorer(predictor) if raw_graph else None)
     metrics = ServiceMetrics(predictor, batcher)
     batcher.on_batch = metrics.observe_batch
+    two_stage = None
+    if retriever is not None:
+        from pipeline.retrieval import TwoStageRecommender
+
+        # the ranking call compiled once for `candidates` rows (TwoStageRecommender's docstring)
+        two_stage = TwoStageRecommender(retriever, predictor, candidates)
+    # /recommend's work (one index search + one model call, or the model over every movie) runs here: as many
+    # threads as this machine's 2 cores, not anyio's 40-thread pool (more threads only queue for the cores)
+    recommend_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="recommend")
     status = {"ready": False, "stopping": False}
 
     @contextlib.asynccontextmanager
@@ -576,7 +584,7 @@ def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_dela
             logger.exception("the warm-up request failed")
         if retriever is not None:
             try:  # the ranker's first call at the candidate batch size traces its graph
-                await asyncio.to_thread(_two_stage, int(retriever.users[0]), 10, False)
+                await asyncio.to_thread(two_stage.recommend, int(retriever.users[0]), 10, True)
             except Exception:
                 logger.exception("the two-stage warm-up request failed")
         status["ready"] = True
@@ -586,6 +594,7 @@ def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_dela
             # uvicorn has stopped accepting and waited for the requests in flight; score what is left.
             status["stopping"], status["ready"] = True, False
             await asyncio.to_thread(batcher.stop)
+            recommend_pool.shutdown(wait=False)
 
     app = FastAPI(title="MovieLens recommender", lifespan=lifespan)
     app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, metrics=metrics, access_log=access_log)
@@ -647,12 +656,8 @@ def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_dela
         # Written directly: FastAPI's response validation of a list of floats costs more than the scoring.
         return Response(json.dumps({"scores": scores.tolist()}), media_type="application/json")
 
-    def _two_stage(user: int, k: int, exclude_rated: bool):
-        from pipeline.retrieval import two_stage_recommend
-
-        return two_stage_recommend(retriever, predictor, user, k, candidates=candidates, exclude_rated=exclude_rated)
-
-    @app.get("/recommend")
+    @app.get("/recommend", response_class=Response,
+             responses={200: {"description": '{"userId": .., "path": .., "items": [{"movieId": .., "score": ..}]}'}})
     async def recommend(
         userId: int = Query(..., ge=0, le=MAX_ID, description="raw MovieLens userId"),
         k: int = Query(10, ge=1, le=10_000, description="how many movies"),
@@ -660,23 +665,22 @@ def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_dela
         path: str | None = Query(None, pattern="^(two-stage|rank-all)$",
                                  description="two-stage (retrieval, then ranking; the default with --retrieval) or "
                                              "rank-all (the model scores every movie; the default without)"),
-    ) -> dict[str, Any]:
+    ) -> Response:
         if not batcher.alive:
             raise ServiceUnavailable("the scoring thread is not running")
         path = path or ("two-stage" if retriever is not None else "rank-all")
         if path == "two-stage" and retriever is None:
             raise DataError("path=two-stage needs a retrieval model: start the service with --retrieval MODEL_DIR")
-        if path == "two-stage":
-            items = await within_timeout(run_in_threadpool(_two_stage, userId, k, exclude_rated), "recommend")
-        else:
-            items = await within_timeout(run_in_threadpool(predictor.recommend, userId, k, exclude_rated), "recommend")
+        work = two_stage.recommend if path == "two-stage" else predictor.recommend
+        loop = asyncio.get_running_loop()
+        items = await within_timeout(loop.run_in_executor(recommend_pool, work, userId, k, exclude_rated), "recommend")
         if not all(np.isfinite(s) for _, s in items):
             batcher.nonfinite += 1
             raise NonFiniteScores(f"the model returned non-finite scores for userId {userId}")
         answer = {"userId": userId, "path": path, "items": [{"movieId": m, "score": s} for m, s in items]}
         if path == "two-stage":
             answer["candidates"] = candidates
-        return answer
+        return Response(json.dumps(answer), media_type="application/json")  # as /predict: no response validation
 
     def health() -> str | None:
         """Why the service is not healthy, or None."""

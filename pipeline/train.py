@@ -389,12 +389,13 @@ def split_for_selection(train_dir: Path, out_dir: Path, schema, *, seed: int, fr
 
 # --------------------------------------------------------------------------- callbacks
 def best_epoch(history: list[dict], monitor: str) -> int | None:
-    """The 1-based epoch of ``history`` with the best selection-rows ``monitor`` (AUC: highest; a loss:
-    lowest; the earliest on a tie), or None when no epoch was scored on selection rows."""
+    """The 1-based epoch of ``history`` with the best selection-rows ``monitor`` (AUC or a ranking metric such as
+    ``recall@50``: highest; a loss: lowest; the earliest on a tie), or None when no epoch was scored on selection
+    rows."""
     scored = [(e["select"][monitor], e["epoch"]) for e in history if monitor in e.get("select", {})]
     if not scored:
         return None
-    sign = 1.0 if "auc" in monitor else -1.0
+    sign = 1.0 if "auc" in monitor or "@" in monitor else -1.0
     return max(scored, key=lambda s: (sign * s[0], -s[1]))[1]
 
 

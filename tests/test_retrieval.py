@@ -108,16 +108,63 @@ def test_the_model_dir_records_its_ranking_metrics_next_to_popularity(two_tower_
     for name in ("two-tower", "popularity"):
         ranking = metrics["ranking"][name]
         assert 0 < ranking["recall@10"] <= ranking["recall@50"] <= 1 and ranking["users"] > 100
-    assert len(metrics["epochs"]) == 4 and metrics["epochs"][-1]["train"]["loss"] < metrics["epochs"][0]["train"]["loss"]
+    epochs = metrics["epochs"]
+    assert 2 <= len(epochs) <= 4 and epochs[-1]["train"]["loss"] < epochs[0]["train"]["loss"]
+
+
+def test_model_selection_on_held_out_training_positives_restores_the_best_epoch_and_prior_weight(two_tower_dir,
+                                                                                                 etl_dir):
+    from pipeline.models import load_model
+
+    metrics = json.loads((two_tower_dir / "metrics.json").read_text())
+    selection, epochs = metrics["model_selection"], metrics["epochs"]
+    # the held-out rows are training rows (the ranking train stage's seeded hash), never the valid split
+    assert selection["select_rows"] > 0 and selection["fit_rows"] + selection["select_rows"] == sum(
+        len(pd.read_parquet(p, columns=["userId"])) for p in (etl_dir / "train").glob("*.parquet"))
+    assert metrics["scored"]["read_by_model_selection"] is False
+    best = max(range(len(epochs)), key=lambda i: (epochs[i]["select"]["recall@50"], -i)) + 1
+    assert metrics["best_epoch"] == selection["epoch"] == best
+    weight = epochs[best - 1]["select"]["prior_weight"]
+    assert weight in selection["prior_weights"] and metrics["prior_weight"] == weight
+    by_weight = epochs[best - 1]["select"]["by_prior_weight"]
+    assert by_weight[str(weight)] == max(by_weight.values())
+    model = load_model(two_tower_dir / "model.keras")
+    assert model.prior_weight == weight and model.item_bias  # the published model scores with them
 
 
 def test_train_two_tower_takes_the_train_stages_settings_that_differ_from_its_defaults(etl_dir, tmp_path):
     from pipeline.retrieval import Retriever, train_two_tower
     from pipeline.train import TrainConfig
 
-    metrics = train_two_tower(etl_dir, tmp_path / "tt", TrainConfig(epochs=2, batch_size=512), verbose=0)
+    metrics = train_two_tower(etl_dir, tmp_path / "tt", TrainConfig(epochs=2, batch_size=512, early_stopping=False),
+                              verbose=0)
     config = json.loads((tmp_path / "tt" / "config.json").read_text())
     # epochs and batch size as given; the embedding width the stage's default (16) leaves to the two-tower's (64)
     assert (config["epochs"], config["batch_size"], config["embedding_dim"]) == (2, 512, 64)
-    assert metrics["best_epoch"] == 2 and len(metrics["epochs"]) == 2
+    assert not config["early_stopping"] and len(metrics["epochs"]) == 2 and metrics["best_epoch"] in (1, 2)
     assert len(Retriever.load(etl_dir, tmp_path / "tt").retrieve(7, k=5)) == 5
+
+
+def test_two_tower_config_refuses_settings_that_cannot_train():
+    from pipeline.errors import UsageError
+    from pipeline.retrieval import TwoTowerConfig
+
+    for bad in (dict(batch_size=1), dict(temperature=0.0), dict(select_fraction=0.0), dict(prior_weights=()),
+                dict(monitor="auc")):
+        with pytest.raises(UsageError):
+            TwoTowerConfig(**bad).check()
+    TwoTowerConfig(select_fraction=0.0, early_stopping=False).check()
+
+
+def test_the_compiled_two_stage_path_answers_as_the_reference_path(retriever, ranker):
+    from pipeline.retrieval import TwoStageRecommender, two_stage_recommend
+
+    recommender = TwoStageRecommender(retriever, ranker, candidates=40)
+    assert recommender.compiled
+    for user in (7, 11, 42, UNSEEN_USER):
+        for exclude in (False, True):
+            got = recommender.recommend(user, k=10, exclude_rated=exclude)
+            expected = two_stage_recommend(retriever, ranker, user, 10, candidates=40, exclude_rated=exclude)
+            assert [m for m, _ in got] == [m for m, _ in expected]
+            np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-6)
+    assert len(recommender.recommend(7, k=60)) == 60  # more than the candidates: the reference path

@@ -7,6 +7,12 @@ only and scores every query of a batch against every candidate of the batch (in-
 the logits divided by a temperature, corrected for how often each candidate is sampled as a negative
 (logQ: frequent movies are in-batch negatives more often), and with accidental hits (the same movie
 as the row's positive, at another position of the batch) masked out.
+
+Popularity: with ``item_bias`` each movie has a learned bias added to its logits (the share of the score that
+is the movie's alone, e.g. how often it is watched at all), and ``prior_weight`` blends the log of the movies'
+training popularity into the retrieval score (picked on held-out training positives by
+``pipeline.retrieval.fit_two_tower``). Both fold into one extra index dimension, so the catalog search stays
+a dot product (``index_query_vectors`` / ``index_candidate_vectors``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from pipeline.models.transforms import L2Norm, LogitsTemperatureScaler
 # The logit given to a masked accidental hit: exp() of it is 0 in float32, and it stays finite, so the
 # softmax's gradient is never NaN.
 MASKED_LOGIT = -1e9
+# log P(movie) of a movie without training positives (the OOV code): below any movie with one, finite.
+PRIOR_FLOOR = 1e-9
 
 
 @register
@@ -60,8 +68,10 @@ class InBatchAccidentalHits(Block):
 class TwoTower(Model):
     """A query tower and a candidate tower, each ``inputs -> (batch, dim)`` L2-normalised.
 
-    ``model(inputs)`` scores the pairs of a batch: the cosine similarity of the user's and the movie's
-    vectors, ``(batch, 1)`` in [-1, 1] (``predict`` / ``Predictor`` use it). ``query_embeddings`` and
+    ``model(inputs)`` scores the pairs of a batch, ``(batch, 1)`` (``predict`` / ``Predictor`` use it): the
+    cosine similarity of the user's and the movie's vectors in [-1, 1]; with ``item_bias`` or a
+    ``prior_weight``, the retrieval logit ``cosine / temperature + bias + prior_weight * log popularity``
+    (what the item index ranks by). ``query_embeddings`` and
     ``candidate_embeddings`` give the vectors; ``fit`` minimises the in-batch softmax loss of
     ``in_batch_loss`` on batches of positive interactions (no targets: every row is a positive).
 
@@ -72,6 +82,9 @@ class TwoTower(Model):
         temperature: the logits are ``cosine / temperature``.
         logq_correction: subtract ``log P(candidate in a batch)`` from the logits (``set_sampling_probabilities``).
         remove_accidental_hits: mask in-batch negatives that are the row's own positive movie.
+        item_bias: learn a per-movie bias added to the logits (trained with the towers).
+        prior_weight: the weight of ``log P(movie)`` (its share of the training positives) in the retrieval
+            score; 0 leaves it out. Not trained: set after training (``fit_two_tower`` picks it).
 
     Example:
         >>> model = TwoTowerModel(schema, embedding_dim=8, tower_dims=[8])
@@ -81,7 +94,8 @@ class TwoTower(Model):
 
     def __init__(self, query_tower: keras.layers.Layer, candidate_tower: keras.layers.Layer, *, item_id: str,
                  item_cardinality: int, temperature: float = 0.05, logq_correction: bool = True,
-                 remove_accidental_hits: bool = True, **kwargs):
+                 remove_accidental_hits: bool = True, item_bias: bool = False, prior_weight: float = 0.0,
+                 **kwargs):
         keras.Model.__init__(self, **kwargs)  # not Model.__init__: no prediction heads, the loss is in train_step
         self.heads = []
         self._input_spec_record = None
@@ -92,6 +106,8 @@ class TwoTower(Model):
         self.temperature = float(temperature)
         self.logq_correction = bool(logq_correction)
         self.remove_accidental_hits = bool(remove_accidental_hits)
+        self.item_bias = bool(item_bias)
+        self.prior_weight = float(prior_weight)
         self.scale = LogitsTemperatureScaler(self.temperature)
         self.hits = InBatchAccidentalHits()
         import keras_rs
@@ -102,6 +118,9 @@ class TwoTower(Model):
         self.sampling_probability = self.add_weight(
             name="sampling_probability", shape=(self.item_cardinality,), trainable=False,
             initializer=keras.initializers.Constant(1.0 / self.item_cardinality))
+        # per-movie logit bias (zero at the start: the towers alone, as without it)
+        self.bias = self.add_weight(name="item_bias", shape=(self.item_cardinality,), initializer="zeros",
+                                    trainable=True) if self.item_bias else None
         self.loss_tracker = keras.metrics.Mean(name="loss")
 
     # ----------------------------------------------------------------- structure
@@ -137,11 +156,51 @@ class TwoTower(Model):
                 for name, tensor in inputs.items()
             }
 
+    @property
+    def extended(self) -> bool:
+        """Whether the score has a per-movie term (bias or prior): the index vectors get one more dimension."""
+        return self.item_bias or self.prior_weight != 0.0
+
+    def log_prior(self, ids):
+        """``log P(movie)`` ``(batch,)`` of encoded ids: their share of the training positives (the logQ table),
+        floored at ``PRIOR_FLOOR`` for movies without positives."""
+        probability = ops.take(self.sampling_probability, ops.reshape(ops.cast(ids, "int32"), (-1,)), axis=0)
+        return ops.log(ops.maximum(probability, PRIOR_FLOOR))
+
+    def item_term(self, ids):
+        """The per-movie part of the retrieval score ``(batch,)``: bias + prior_weight * log prior."""
+        ids = ops.reshape(ops.cast(ids, "int32"), (-1,))
+        term = ops.zeros(ops.shape(ids), dtype="float32")
+        if self.bias is not None:
+            term = term + ops.take(self.bias, ids, axis=0)
+        if self.prior_weight != 0.0:
+            term = term + self.prior_weight * self.log_prior(ids)
+        return term
+
+    def index_query_vectors(self, inputs):
+        """The query side of the item index ``(batch, dim [+ 1])``: ``[q / temperature, 1]`` when ``extended``,
+        else ``q``; its dot product with ``index_candidate_vectors`` is the model's score."""
+        query = self.query_embeddings(inputs)
+        if not self.extended:
+            return query
+        return ops.concatenate([query / self.temperature, ops.ones((ops.shape(query)[0], 1), query.dtype)], axis=-1)
+
+    def index_candidate_vectors(self, inputs):
+        """The movie side of the item index ``(batch, dim [+ 1])``: ``[c, bias + prior_weight * log prior]``."""
+        candidate = self.candidate_embeddings(inputs)
+        if not self.extended:
+            return candidate
+        term = ops.expand_dims(ops.cast(self.item_term(inputs[self.item_id]), candidate.dtype), -1)
+        return ops.concatenate([candidate, term], axis=-1)
+
     def call(self, inputs, training=None):
         self._record_inputs(inputs)
         query = self.query_embeddings(inputs, training=training)
         candidate = self.candidate_embeddings(inputs, training=training)
-        return ops.sum(query * candidate, axis=-1, keepdims=True)
+        cosine = ops.sum(query * candidate, axis=-1, keepdims=True)
+        if not self.extended:
+            return cosine
+        return cosine / self.temperature + ops.expand_dims(ops.cast(self.item_term(inputs[self.item_id]), cosine.dtype), -1)
 
     # ----------------------------------------------------------------- the loss
     def set_sampling_probabilities(self, item_ids: np.ndarray) -> np.ndarray:
@@ -166,6 +225,8 @@ class TwoTower(Model):
         candidate = self.candidate_embeddings(inputs, training=training)
         logits = self.scale(ops.matmul(query, ops.transpose(candidate)))
         ids = ops.reshape(ops.cast(inputs[self.item_id], "int32"), (-1,))
+        if self.bias is not None:  # column j is candidate j: its bias on every row
+            logits = logits + ops.expand_dims(ops.take(self.bias, ids, axis=0), 0)
         if self.logq_correction:
             probability = ops.take(self.sampling_probability, ids, axis=0)
             logits = self.correction(logits, ops.broadcast_to(ops.expand_dims(probability, 0), ops.shape(logits)))
@@ -230,6 +291,8 @@ class TwoTower(Model):
             "temperature": self.temperature,
             "logq_correction": self.logq_correction,
             "remove_accidental_hits": self.remove_accidental_hits,
+            "item_bias": self.item_bias,
+            "prior_weight": self.prior_weight,
         }
 
     @classmethod
@@ -255,6 +318,7 @@ def TwoTowerModel(
     logq_correction: bool = True,
     remove_accidental_hits: bool = True,
     embeddings_l2: float = 0.0,
+    item_bias: bool = False,
 ) -> TwoTower:
     """A two-tower retrieval model on ``schema``'s USER and ITEM columns.
 
@@ -270,6 +334,7 @@ def TwoTowerModel(
         tower_dims: the default towers' layer widths (the last is the vectors' width).
         temperature, logq_correction, remove_accidental_hits: the in-batch softmax (``TwoTower``).
         embeddings_l2: ``EmbeddingFeatures``' per-batch L2 penalty.
+        item_bias: a learned per-movie logit bias (``TwoTower``).
 
     Returns a ``TwoTower`` (compile, then ``fit`` on positive interactions).
 
@@ -296,4 +361,5 @@ def TwoTowerModel(
 
     return TwoTower(tower(user, query_tower, "query_tower"), tower(item, candidate_tower, "candidate_tower"),
                     item_id=ids[0], item_cardinality=cardinality(schema[ids[0]]), temperature=temperature,
-                    logq_correction=logq_correction, remove_accidental_hits=remove_accidental_hits, name="two_tower")
+                    logq_correction=logq_correction, remove_accidental_hits=remove_accidental_hits,
+                    item_bias=item_bias, name="two_tower")

@@ -9,6 +9,7 @@ must not be returned (the movies the user rated in training).
 from __future__ import annotations
 
 import abc
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -74,6 +75,19 @@ class BruteForceIndex(ItemIndex):
         ([[20, 30, -1]], [[1.0, 0.0, -inf]])
     """
 
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray):
+        super().__init__(ids, vectors)
+        self._buffers = threading.local()  # one preallocated score row per serving thread
+
+    def _scores(self, queries: np.ndarray) -> np.ndarray:
+        """``(q, n)`` inner products; a single query reuses its thread's buffer (no 59k-float allocation)."""
+        if len(queries) != 1:
+            return queries @ self.vectors.T
+        out = getattr(self._buffers, "row", None)
+        if out is None:
+            out = self._buffers.row = np.empty((1, len(self)), dtype=np.float32)
+        return np.matmul(queries, self.vectors.T, out=out)
+
     def search_rows(self, queries, k, exclude=None):
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
@@ -81,20 +95,21 @@ class BruteForceIndex(ItemIndex):
         if exclude is not None and len(exclude) != len(queries):
             raise ValueError(f"exclude has {len(exclude)} entries for {len(queries)} queries")
         k = max(0, min(int(k), len(self)))
-        scores = queries @ self.vectors.T  # (q, n)
+        if k == 0:
+            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        scores = self._scores(queries)  # (q, n)
         if exclude is not None:
             for row, excluded in enumerate(exclude):
                 if len(excluded):
                     scores[row, np.asarray(excluded, dtype=np.int64)] = -np.inf
-        if k == 0:
-            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
         rows = np.empty((len(queries), k), dtype=np.int64)
         top = np.empty((len(queries), k), dtype=np.float32)
+        last = len(self) - k
         for q, s in enumerate(scores):
             # every row at least as good as the k-th best, in row order, stably sorted by score: argpartition
             # alone would pick arbitrary members of a tie at the boundary
-            kth = np.partition(-s, k - 1)[k - 1]
-            candidates = np.flatnonzero(-s <= kth)
+            kth = s[np.argpartition(s, last)[last]]
+            candidates = np.flatnonzero(s >= kth)
             best = candidates[np.argsort(-s[candidates], kind="stable")[:k]]
             rows[q], top[q] = best, s[best]
         rows[~np.isfinite(top)] = -1

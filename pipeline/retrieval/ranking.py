@@ -178,12 +178,14 @@ def retrieval_ranker(retriever, chunk: int = 256) -> Ranker:
 
 
 def two_stage_ranker(retriever, predictor, candidates: int) -> Ranker:
-    """``candidates`` movies from the two-tower model, ranked by the ranking model (``two_stage_recommend``)."""
-    from pipeline.retrieval.retriever import two_stage_recommend
+    """``candidates`` movies from the two-tower model, ranked by the ranking model (``TwoStageRecommender``, what
+    ``serve --retrieval`` answers)."""
+    from pipeline.retrieval.retriever import TwoStageRecommender
+
+    recommender = TwoStageRecommender(retriever, predictor, candidates)
 
     def rank(user_ids: np.ndarray) -> np.ndarray:
-        return _pad([[m for m, _ in two_stage_recommend(retriever, predictor, int(u), DEPTH, candidates=candidates,
-                                                        exclude_rated=True)] for u in user_ids])
+        return _pad([[m for m, _ in recommender.recommend(int(u), DEPTH, exclude_rated=True)] for u in user_ids])
 
     return rank
 

@@ -5,7 +5,9 @@
 the candidate tower once over every movie the saved workflow knows (``Predictor.candidate_items``) into an
 ``ItemIndex``, and the query tower once over every known user. A request for a known user is then one row
 lookup and one index search; an unseen user goes through the workflow (its out-of-vocabulary rows) and the
-query tower. ``two_stage_recommend`` ranks the retrieved candidates with a ranking model's ``Predictor``.
+query tower. ``two_stage_recommend`` ranks the retrieved candidates with a ranking model's ``Predictor``
+(through its request validation and feature path); ``TwoStageRecommender`` answers the same per request with
+one index search and one compiled ranking call of fixed shape (what ``serve --retrieval`` uses).
 """
 
 from __future__ import annotations
@@ -94,9 +96,9 @@ class Retriever:
         items = predictor.candidate_items
         users = predictor.cache.keys[USER] if predictor.cache is not None else known_ids(predictor.workflow, USER)
         item_arrays = predictor.features(pd.DataFrame({USER: np.full(len(items), users[0]), ITEM: items}))
-        index = index_type(items, _embed(model.candidate_embeddings, item_arrays, len(items)))
+        index = index_type(items, _embed(model.index_candidate_vectors, item_arrays, len(items)))
         user_arrays = predictor.features(pd.DataFrame({USER: users, ITEM: np.full(len(users), items[0])}))
-        user_vectors = _embed(model.query_embeddings, user_arrays, len(users))
+        user_vectors = _embed(model.index_query_vectors, user_arrays, len(users))
         logger.info("retrieval index: %d movies x %d dims (%s), %d users", len(index), index.dim,
                     type(index).__name__, len(users))
         return cls(predictor, index, item_arrays[ITEM].ravel(), users, user_arrays[USER].ravel(), user_vectors)
@@ -114,7 +116,7 @@ class Retriever:
             frame = pd.DataFrame({USER: user_ids[unseen], ITEM: np.full(len(unseen), self.index.ids[0])})
             arrays = self.predictor.features(frame)
             with self._lock:
-                vectors[unseen] = _embed(self.model.query_embeddings, arrays, len(unseen))
+                vectors[unseen] = _embed(self.model.index_query_vectors, arrays, len(unseen))
             codes[unseen] = np.ravel(arrays[USER])
         return vectors, codes
 
@@ -132,7 +134,8 @@ class Retriever:
         return self.index.search(vectors, k, exclude)
 
     def retrieve(self, user_id: int, k: int = 10, exclude_rated: bool = False) -> list[tuple[int, float]]:
-        """Top ``k`` ``(movieId, cosine score)`` for one raw ``user_id`` (as ``Predictor.recommend`` answers)."""
+        """Top ``k`` ``(movieId, score)`` for one raw ``user_id`` (as ``Predictor.recommend`` answers); the score is
+        the model's pair score (``TwoTower``: the cosine, or the logit with a movie bias / popularity prior)."""
         ids, scores = self.retrieve_many(np.array([user_id]), k, exclude_rated)
         return [(int(m), float(s)) for m, s in zip(ids[0], scores[0]) if m >= 0]
 
@@ -156,3 +159,107 @@ def two_stage_recommend(retriever: Retriever, ranker, user_id: int, k: int = 10,
                             f"candidates for user {user_id} (first: movieId {int(movies[bad[0]])})")
     top = np.argsort(-scores, kind="stable")[:int(k)]  # movies are sorted: a tie goes to the lower movieId
     return [(int(movies[i]), float(scores[i])) for i in top]
+
+
+class TwoStageRecommender:
+    """``two_stage_recommend`` for serving: the same answers, at a fixed cost per request.
+
+    At construction the ranker's feature tables (its ``FeatureCache``: one row per known user and per known
+    movie) go into a ``tf.function`` with a fixed input signature, ``(user row, candidates movie rows)``, that
+    gathers the features and runs the ranking model in one call (traced once; no pandas, no per-request
+    input conversion, no retracing for another candidate count). A request for a known user is then a row
+    lookup, one index search (``exclude_rated`` as index rows) and that call. Unseen users, ``k`` above
+    ``candidates``, a catalog with fewer allowed movies than ``candidates``, or a ranker without a feature
+    cache take ``two_stage_recommend`` (the workflow's out-of-vocabulary rows).
+
+    Args:
+        retriever: the two-tower ``Retriever``.
+        ranker: the ranking model's ``Predictor`` (same ETL output as the retriever).
+        candidates: movies retrieved per request and ranked.
+
+    Example:
+        >>> recommender = TwoStageRecommender(retriever, ranker, candidates=200)  # doctest: +SKIP
+        >>> recommender.recommend(7, k=3, exclude_rated=True)  # doctest: +SKIP
+        [(2858, 0.93), (1196, 0.91), (260, 0.90)]
+    """
+
+    def __init__(self, retriever: Retriever, ranker, candidates: int = DEFAULT_CANDIDATES):
+        if int(candidates) < 1:
+            raise ValueError(f"candidates must be positive, got {candidates}")
+        self.retriever = retriever
+        self.ranker = ranker
+        self.candidates = min(int(candidates), len(retriever.index))
+        self._score = self._compile()
+
+    @property
+    def compiled(self) -> bool:
+        """Whether known users are ranked by the compiled call (else every request takes ``two_stage_recommend``)."""
+        return self._score is not None
+
+    def _compile(self):
+        import tensorflow as tf
+
+        cache = getattr(self.ranker, "cache", None)
+        if cache is None or set(cache.keys) != {USER, ITEM}:
+            logger.info("two-stage: the ranker has no feature cache; every request goes through the workflow")
+            return None
+        movies = cache.keys[ITEM]
+        pos = np.minimum(np.searchsorted(movies, self.retriever.index.ids), len(movies) - 1)
+        if not np.array_equal(movies[pos], self.retriever.index.ids):
+            logger.warning("two-stage: the ranker's movies differ from the retrieval index's; not compiled")
+            return None
+        self._movie_row = pos.astype(np.int64)  # index row -> the ranker's movie table row
+        self._users = cache.keys[USER]
+        tables = {}
+        for key, table in cache.tables.items():
+            for name, values in table.items():
+                if name in {i.name for i in self.ranker.inputs}:
+                    tables[name] = (key, tf.Variable(values, trainable=False, name=f"{name}_table"))
+        self._tables = tables  # the variables live as long as the function
+        model, target, n = self.ranker.model, self.ranker.target, self.candidates
+
+        @tf.function(input_signature=[tf.TensorSpec([], tf.int64), tf.TensorSpec([n], tf.int64)])
+        def score(user_row, movie_rows):
+            inputs = {}
+            for name, (key, table) in tables.items():
+                if key == USER:  # one user: its row repeated for every candidate
+                    row = tf.gather(table, user_row)
+                    inputs[name] = tf.tile(tf.expand_dims(row, 0), [n] + [1] * len(row.shape))
+                else:
+                    inputs[name] = tf.gather(table, movie_rows)
+            out = model(inputs, training=False)
+            if isinstance(out, dict):
+                out = out[target] if target in out else next(iter(out.values()))
+            elif isinstance(out, (list, tuple)):
+                out = out[0]
+            return tf.reshape(tf.cast(out, tf.float32), [-1])
+
+        return score.get_concrete_function()
+
+    def recommend(self, user_id: int, k: int = 10, exclude_rated: bool = False) -> list[tuple[int, float]]:
+        """Top ``k`` ``(movieId, ranker score)`` as ``two_stage_recommend`` answers them."""
+        r = self.retriever
+        if self._score is None or int(k) > self.candidates:
+            return self._reference(user_id, k, exclude_rated)
+        user = int(user_id)
+        at = int(np.searchsorted(r.users, user))
+        row = int(np.searchsorted(self._users, user))
+        if at >= len(r.users) or r.users[at] != user or row >= len(self._users) or self._users[row] != user:
+            return self._reference(user_id, k, exclude_rated)  # unseen: its features come from the workflow
+        exclude = [r.rated_rows(int(r.user_codes[at]))] if exclude_rated else None
+        rows = r.index.search_rows(r.user_vectors[at:at + 1], self.candidates, exclude)[0][0]
+        if rows[-1] < 0:  # fewer allowed movies than candidates
+            return self._reference(user_id, k, exclude_rated)
+        rows = np.sort(rows)  # index rows are in movieId order: a tie goes to the lower movieId
+        scores = self._score(np.int64(row), self._movie_row[rows]).numpy()
+        if not np.isfinite(scores).all():
+            bad = np.flatnonzero(~np.isfinite(scores))
+            raise ArtifactError(f"the model in {self.ranker.model_dir} gave non-finite scores to {len(bad)} of "
+                                f"{len(rows)} candidates for user {user} (first: movieId "
+                                f"{int(r.index.ids[rows[bad[0]]])})")
+        top = np.argsort(-scores, kind="stable")[:int(k)]
+        return [(int(r.index.ids[rows[i]]), float(scores[i])) for i in top]
+
+    def _reference(self, user_id: int, k: int, exclude_rated: bool) -> list[tuple[int, float]]:
+        return two_stage_recommend(self.retriever, self.ranker, user_id, k, candidates=self.candidates,
+                                   exclude_rated=exclude_rated)

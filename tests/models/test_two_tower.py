@@ -156,3 +156,32 @@ def test_config_round_trip_and_a_saved_model_reloads_with_the_same_outputs(schem
     np.testing.assert_array_equal(loaded.query_embeddings(batch), model.query_embeddings(batch))
     np.testing.assert_array_equal(loaded.sampling_probability.numpy(), model.sampling_probability.numpy())
     np.testing.assert_allclose(loaded.in_batch_loss(batch), model.in_batch_loss(batch), rtol=1e-6)
+
+
+def test_item_bias_and_popularity_prior_fold_into_one_more_index_dimension_and_reload(schema, batch, tmp_path):
+    movies = np.ravel(batch["movieId"])
+    keras.utils.set_random_seed(0)
+    model = mm.TwoTowerModel(schema, embedding_dim=8, tower_dims=[4], temperature=0.1, item_bias=True,
+                             logq_correction=False, remove_accidental_hits=False)
+    probability = model.set_sampling_probabilities(np.repeat(movies, np.arange(1, len(movies) + 1)))
+    model.compile(optimizer=keras.optimizers.Adam(0.05))
+    model.fit(batch, batch_size=len(movies), epochs=3, verbose=0)
+    bias = model.bias.numpy()
+    assert np.abs(bias[movies]).max() > 0  # trained with the towers
+    cosine = np.asarray(model.query_embeddings(batch)) @ np.asarray(model.candidate_embeddings(batch)).T
+    # in training the bias is the candidate column's: the same for every row
+    np.testing.assert_allclose(model.in_batch_logits(batch), cosine / 0.1 + bias[movies][None, :], rtol=1e-4, atol=1e-4)
+
+    model.prior_weight = 0.5
+    query, candidate = np.asarray(model.index_query_vectors(batch)), np.asarray(model.index_candidate_vectors(batch))
+    assert query.shape[1] == candidate.shape[1] == 5  # 4 tower dims + the movie term
+    expected = np.diag(cosine) / 0.1 + bias[movies] + 0.5 * np.log(probability[movies])
+    np.testing.assert_allclose(np.sum(query * candidate, axis=1), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.ravel(model.predict_on_batch(batch)), expected, rtol=1e-4, atol=1e-4)
+
+    model.save(tmp_path / "biased.keras")
+    loaded = mm.load_model(tmp_path / "biased.keras")
+    assert loaded.item_bias and loaded.prior_weight == 0.5
+    np.testing.assert_allclose(loaded.predict_on_batch(batch), model.predict_on_batch(batch), rtol=1e-6)
+    plain = mm.TwoTowerModel(schema, embedding_dim=8, tower_dims=[4])  # neither: the cosine, dim-wide vectors
+    assert not plain.extended and np.asarray(plain.index_query_vectors(batch)).shape[1] == 4
