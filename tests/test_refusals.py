@@ -102,6 +102,11 @@ REFUSED = {
         "--embedding-dim must be at least 1, got 0"),
     "train with a negative weight decay": (
         ["train", "--data", "{ws}/etl", "--out", "{ws}/model", "--weight-decay", "-1"], "--weight-decay must be"),
+    "train with no patience": (
+        ["train", "--data", "{ws}/etl", "--out", "{ws}/model", "--patience", "0"], "--patience must be at least 1, got 0"),
+    "train with a NaN embedding penalty": (
+        ["train", "--data", "{ws}/etl", "--out", "{ws}/model", "--embeddings-l2", "nan"],
+        "--embeddings-l2 must be a finite number >= 0, got nan"),
     "train with a negative weight-average window": (
         ["train", "--data", "{ws}/etl", "--out", "{ws}/model", "--ema-epochs", "-1"],
         "--ema-epochs must be a finite number >= 0, got -1.0"),
