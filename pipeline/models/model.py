@@ -267,6 +267,10 @@ class Model(keras.Model):
         """
         if not getattr(self, "compiled", False):
             return  # Keras' fit / evaluate say what is missing
+        if type(self).train_step is not keras.Model.train_step or type(self).test_step is not keras.Model.test_step:
+            # a model with its own steps (TwoTower: the towers, never the model's call) builds as it always did:
+            # a symbolic call here could build its layers in another order, i.e. draw other initial weights
+            return
         optimizer = getattr(self, "optimizer", None)
         pending = [getattr(self, "_compile_loss", None), getattr(self, "_compile_metrics", None)]
         if not any(p is not None and not p.built for p in pending) and (optimizer is None or optimizer.built):
