@@ -110,30 +110,11 @@ def transform_comparison(cached, pairs: pd.DataFrame, user_rows: pd.DataFrame, r
 @contextlib.contextmanager
 def server_process(data: Path, model: Path, *extra: str):
     """``python -m pipeline serve`` in its own process (as a user runs it); yields ``(url, pid)``."""
-    import httpx
+    from pipeline.serve import serve_in_subprocess
 
-    from pipeline.serve import free_port
-
-    port = free_port()
-    command = [sys.executable, "-m", "pipeline", "serve", "--data", str(data), "--model-dir", str(model),
-               "--host", "127.0.0.1", "--port", str(port), *extra]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start: {' '.join(command)}")
-            time.sleep(0.5)
+    with serve_in_subprocess("--data", str(data), "--model-dir", str(model), *extra, startup_timeout=300,
+                             stdout=subprocess.DEVNULL, cwd=ROOT) as (process, url):
         yield url, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -49,6 +49,8 @@ import logging
 import queue
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -875,6 +877,47 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(*flags: str, host: str = "127.0.0.1", startup_timeout: float = 180.0, stdout=None,
+                        cwd: str | Path | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``python -m pipeline serve FLAGS --host HOST --port P`` in its own process, as a user starts it, until the
+    ``with`` block ends (then SIGTERM, and SIGKILL after 60 s).
+
+    Yields ``(process, url)`` once ``/readyz`` answers 200. ``stdout``: where the server's output (stderr too)
+    goes; default a pipe, readable as ``process.stdout`` (text) after the process has ended. Raises
+    ``RuntimeError`` with the output when the server exits or does not become ready within ``startup_timeout`` s.
+    """
+    import httpx
+
+    port = free_port(host)
+    command = [sys.executable, "-m", "pipeline", "serve", *flags, "--host", host, "--port", str(port)]
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE if stdout is None else stdout,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://{host}:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                output = process.communicate()[0] if process.stdout else ""
+                raise RuntimeError(f"the server did not become ready: {' '.join(command)}\n{output or ''}")
+            time.sleep(0.5)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @contextlib.contextmanager

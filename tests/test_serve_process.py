@@ -26,29 +26,11 @@ BODY_LIMIT = 1 << 20
 @pytest.fixture(scope="module")
 def server(etl_dir, model_dir):
     """``(process, url)`` of a running ``python -m pipeline serve``."""
-    from pipeline.serve import free_port
+    from pipeline.serve import serve_in_subprocess
 
-    port = free_port()
-    command = [sys.executable, "-m", "pipeline", "serve", "--data", str(etl_dir), "--model", str(model_dir),
-               "--host", "127.0.0.1", "--port", str(port), "--max-body-bytes", str(BODY_LIMIT), "--no-access-log"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.5)
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
+    with serve_in_subprocess("--data", str(etl_dir), "--model", str(model_dir), "--max-body-bytes", str(BODY_LIMIT),
+                             "--no-access-log") as running:
+        yield running
 
 
 def test_the_serve_command_answers_on_its_port(server, predictor):

@@ -3,10 +3,6 @@ paths (the conftest DLRM ranks, the conftest two-tower retrieves), answers equal
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
 import httpx
 import numpy as np
 import pytest
@@ -19,29 +15,11 @@ CANDIDATES = 30
 @pytest.fixture(scope="module")
 def server(etl_dir, model_dir, two_tower_dir):
     """The URL of a running ``serve --retrieval`` process."""
-    from pipeline.serve import free_port
+    from pipeline.serve import serve_in_subprocess
 
-    port = free_port()
-    command = [sys.executable, "-m", "pipeline", "serve", "--data", str(etl_dir), "--model-dir", str(model_dir),
-               "--retrieval", str(two_tower_dir), "--candidates", str(CANDIDATES), "--host", "127.0.0.1",
-               "--port", str(port), "--no-access-log"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.5)
+    with serve_in_subprocess("--data", str(etl_dir), "--model-dir", str(model_dir), "--retrieval", str(two_tower_dir),
+                             "--candidates", str(CANDIDATES), "--no-access-log") as (_, url):
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 def test_the_serve_retrieval_command_answers_both_paths(server, etl_dir, model_dir, two_tower_dir):
