@@ -14,7 +14,8 @@ Per dataset: the DLRM is trained with the train stage's defaults (early stopping
 (``--dlrm-epochs``), the two-tower with ``pipeline.retrieval.TwoTowerConfig``'s defaults (early stopping and
 the popularity prior's weight on held-out training positives) except ``TWO_TOWER``'s per-dataset caps; metrics come from
 ``pipeline.evaluate.evaluate_models`` (the same users for every ranker; ``--max-users`` caps them per dataset,
-a seeded sample); latency is client-side, one request at a time, ``GET /recommend?k=10&exclude_rated=true``
+a seeded sample; two-stage with ``popularity_weight="auto"``, plus ``two-stage (w=0)`` and, on synthetic data, the
+generator's oracles, ``oracle_rankers``: the ceiling of any ranker there); latency is client-side, one request at a time, ``GET /recommend?k=10&exclude_rated=true``
 for random known users against ``python -m pipeline serve --retrieval`` in its own process, both paths of the
 same server, one path after the other. The load average is recorded around every measurement (the machine is shared).
 
@@ -39,9 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "retrieval"
 ML1M = dict(n_users=6040, n_movies=3706, n_ratings=1_000_209)
 ML25M_MOVIES = 59_047
-MAX_USERS = {"synthetic-ml-1m": 2000, "synthetic-25m-catalog": 200, "ml-100k": None}
+# the 25M catalog: the DLRM over its 59k movies takes ~0.5 s a user on the shared cores
+MAX_USERS = {"synthetic-ml-1m": 2000, "synthetic-25m-catalog": 1000, "ml-100k": None}
 # the 25M catalog's 0.9M positives: an epoch takes minutes on the shared 2 cores, so a 3-epoch cap (best of 3 kept)
 TWO_TOWER = {"synthetic-25m-catalog": dict(epochs=3, select_users=500)}
+# table rows, in this order where measured (the oracles on synthetic data only)
+RANKERS = ("popularity", "dlrm", "two-tower", "two-stage", "two-stage (w=0)", "oracle-popularity", "oracle-taste",
+           "oracle")
 
 
 def log(message: str) -> None:
@@ -96,7 +101,7 @@ def build(name: str, work: Path, args) -> tuple[Path, Path, Path, dict]:
     return etl, dlrm, tt, sizes
 
 
-def server(etl: Path, dlrm: Path, tt: Path):
+def server(etl: Path, dlrm: Path, tt: Path, popularity_weight: float = 0.0):
     """``python -m pipeline serve --retrieval`` in its own process; returns ``(process, url)`` once ready."""
     import httpx
 
@@ -104,7 +109,8 @@ def server(etl: Path, dlrm: Path, tt: Path):
 
     port = free_port()
     command = [sys.executable, "-m", "pipeline", "serve", "--data", str(etl), "--model-dir", str(dlrm), "--retrieval",
-               str(tt), "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+               str(tt), "--popularity-weight", str(popularity_weight), "--host", "127.0.0.1", "--port", str(port),
+               "--no-access-log"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
@@ -160,11 +166,14 @@ def run(name: str, work: Path, args, previous: dict | None = None) -> dict:
         log(f"{name}: evaluating")
         load_before = round(os.getloadavg()[0], 2)
         max_users = args.max_users if args.max_users is not None else MAX_USERS[name]
+        # two-stage: log(DLRM) + w log(1 + training ratings), w picked on held-out training positives
         report = evaluate_models(etl, [tt, dlrm], candidates=args.candidates, max_users=max_users, seed=0,
-                                 progress=False)
+                                 progress=False, popularity_weight="auto")
+        report["metrics"].update(extra_rankers(etl, dlrm, tt, args.candidates, max_users, report["users"]))
         report["load_average"] = [load_before, round(os.getloadavg()[0], 2)]
     log(f"{name}: /recommend latency")
-    process, url = server(etl, dlrm, tt)
+    weight = (report.get("two_stage") or {}).get("popularity_weight", 0.0)
+    process, url = server(etl, dlrm, tt, weight)
     try:
         import httpx
 
@@ -181,14 +190,124 @@ def run(name: str, work: Path, args, previous: dict | None = None) -> dict:
             "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def raw_dir(etl: Path) -> Path:
+    """The raw data dir the ETL read (etl.json's ``raw``)."""
+    raw = Path(json.loads((etl / "etl.json").read_text())["raw"])
+    return raw if raw.is_absolute() else ROOT / raw
+
+
+def extra_rankers(etl: Path, dlrm: Path, tt: Path, candidates: int, max_users: int | None, users: int) -> dict:
+    """Metrics of two-stage without the popularity term (``two-stage (w=0)``: the DLRM's order of the candidates)
+    and, on synthetic data, of the generator's oracles (``oracle_rankers``), on ``evaluate_models``' users."""
+    from pipeline.inference import Predictor
+    from pipeline.retrieval import Retriever
+    from pipeline.retrieval.ranking import HeldOut, evaluate_rankers, two_stage_ranker
+
+    retriever, ranker = Retriever.load(etl, tt), Predictor.load(etl, dlrm)
+    held_out = HeldOut.load(etl, retriever.predictor).sample(max_users, 0)  # evaluate_models' sample
+    if len(held_out.users) != users:
+        raise RuntimeError(f"{len(held_out.users)} users here, {users} in evaluate_models")
+    rankers = {"two-stage (w=0)": two_stage_ranker(retriever, ranker, candidates), **oracle_rankers(raw_dir(etl), ranker)}
+    return evaluate_rankers(held_out, rankers, progress=False)
+
+
 def meta_users(etl: Path) -> list[int]:
     """The raw userIds of the dataset (users.dat of the raw data the ETL read)."""
-    summary = json.loads((etl / "etl.json").read_text())
-    raw = Path(summary["raw"])
-    raw = raw if raw.is_absolute() else ROOT / raw
+    raw = raw_dir(etl)
     if (raw / "users.dat").is_file():
         return [int(line.split(b"::", 1)[0]) for line in (raw / "users.dat").read_bytes().splitlines() if line]
     return [int(line.split(b"|", 1)[0]) for line in (raw / "u.user").read_bytes().splitlines() if line]
+
+
+ORACLES = {"oracle": lambda p_in, p_like: p_in * p_like, "oracle-popularity": lambda p_in, _: p_in,
+           "oracle-taste": lambda _, p_like: p_like}
+
+
+def oracle_rankers(raw: Path, predictor, combine: dict | None = None) -> dict:
+    """The generator's own rankings of a synthetic raw dir (``{}`` for real data), over the same catalog and with
+    the same training movies excluded as every other ranker:
+
+    - ``oracle``: ``P(rated in valid | training movies) x P(rating > 3 | rated)``, the expected relevance of each
+      movie, i.e. the Bayes-optimal ranking for a held-out liked movie (what no estimator can beat on average);
+    - ``oracle-popularity``: the first factor alone (the true popularity, the best popularity ranking);
+    - ``oracle-taste``: the second factor alone (the true ``P(like | rated)``: what a rating model such as the DLRM
+      estimates).
+
+    The generator picks each user's ``c_u`` movies without replacement with weights ``w = exp(sd * popularity)``
+    (Gumbel top-k). As exponential races, given the training movies ``T`` the others are in the user's rated set
+    about independently with ``1 - exp(-w_j * lam)``, ``lam`` such that these sum to ``c_u - |T|`` (the user's
+    planted count less its training ratings: known to the generator, the valid count of every user).
+    ``P(rating > 3 | rated) = Phi(s_uj - t_3)`` from the planted score. The draws are recomputed from the seed in
+    synthetic.json (``sample_movielens``); the popularity draw, which the generator does not keep, is re-drawn from
+    its random stream and checked against the biases drawn after it from the same stream.
+    """
+    import pandas as pd
+    from scipy.special import ndtr
+
+    from pipeline.datasets import synthetic
+    from pipeline.retrieval.ranking import DEPTH, ITEM, USER, _pad
+    from pipeline.retrieval.retriever import known_ids
+
+    params = synthetic.read_synthetic_params(raw)
+    if params is None or params.get("version") != synthetic.GENERATOR_VERSION:
+        return {}
+    sample = synthetic.sample_movielens(params)
+    truth = sample.truth
+    n_users, n_movies = len(sample.users), len(sample.movies)
+    signal = np.random.default_rng(np.random.SeedSequence([params["seed"], synthetic.GENERATOR_VERSION]).spawn(8)[2])
+    popularity = signal.standard_normal(n_movies)
+    user_bias = synthetic._SD_USER_BIAS * signal.standard_normal(n_users)
+    movie_bias = synthetic._SD_MOVIE_BIAS * (0.45 * popularity + np.sqrt(1 - 0.45**2) * signal.standard_normal(n_movies))
+    if not (np.array_equal(user_bias, truth["user_bias"]) and np.array_equal(movie_bias, truth["movie_bias"])):
+        raise RuntimeError(f"{raw}: the re-drawn popularity does not match the generator's random stream")
+    weight = np.exp(synthetic._SD_POPULARITY * popularity)
+    planted_count = np.bincount(truth["user_idx"], minlength=n_users)
+    genre_share = sample.genre_flags / np.sqrt(truth["n_genres"])[:, None]
+    movie_ids = sample.movies["movieId"].to_numpy()
+    user_ids = sample.users["userId"].to_numpy()
+
+    items = predictor.candidate_items
+    movie_row = np.searchsorted(movie_ids, items)
+    if not np.array_equal(movie_ids[np.minimum(movie_row, n_movies - 1)], items):
+        raise RuntimeError(f"{raw}: the workflow's movies are not the generator's")
+    first_user = known_ids(predictor.workflow, USER)[0]
+    item_codes = np.ravel(predictor.features(pd.DataFrame({USER: np.full(len(items), first_user), ITEM: items}))[ITEM])
+
+    def expected(user_id: int, rated: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(P(in valid), P(like | rated), candidates allowed) over ``items`` for one user."""
+        u = int(np.searchsorted(user_ids, user_id))
+        allowed = ~np.isin(item_codes, rated) if len(rated) else np.ones(len(items), bool)
+        pool = np.ones(n_movies, bool)
+        pool[movie_row[~allowed]] = False
+        remaining = planted_count[u] - int((~pool).sum())
+        w = weight[pool]
+        lo, hi = -60.0, 60.0  # bisection on log lam: sum(1 - exp(-w lam)) rises with lam
+        for _ in range(50):  # 120 / 2**50: lam to ~1e-13 in log
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if -np.expm1(-w * np.exp(mid)).sum() < remaining else (lo, mid)
+        p_in = -np.expm1(-weight * np.exp(0.5 * (lo + hi))) * (remaining > 0)
+        score = (truth["user_bias"][u] + truth["movie_bias"] + truth["movie_factors"] @ truth["user_factors"][u]
+                 + genre_share @ truth["taste"][u])
+        p_like = ndtr(score - truth["thresholds"][2])
+        return p_in[movie_row], p_like[movie_row], allowed
+
+    combine = combine or ORACLES
+    ranked: dict[int, dict[str, list]] = {}  # user -> every combination's top movies (one pass per user)
+
+    def ranker(name: str):
+        def rank(users: np.ndarray) -> np.ndarray:
+            codes = np.ravel(predictor.features(pd.DataFrame({USER: users, ITEM: np.full(len(users), items[0])}))[USER])
+            for user_id, code in zip(users.tolist(), codes.tolist()):
+                if user_id not in ranked:
+                    p_in, p_like, allowed = expected(user_id, predictor.rated_codes(int(code)))
+                    ranked[user_id] = {
+                        n: items[np.argsort(-np.where(allowed, fn(p_in, p_like), -np.inf), kind="stable")[:DEPTH]]
+                        .tolist() for n, fn in combine.items()}
+            return _pad([ranked[u][name] for u in users.tolist()])
+
+        return rank
+
+    return {name: ranker(name) for name in combine}
 
 
 def render(report: dict) -> str:
@@ -199,7 +318,9 @@ def render(report: dict) -> str:
              "(load averages per measurement below; 2 cores, so load > 2 means waiting for a core).", "",
              "Metrics: per valid user with a held-out positive (rating_binary == 1), every movie of the saved workflow "
              "ranked with the user's training movies excluded; binary relevance; averaged over users "
-             "(`python -m pipeline evaluate`). Two-stage: 200 two-tower candidates ranked by the DLRM. "
+             "(`python -m pipeline evaluate`). Two-stage: 200 two-tower candidates ranked by log(DLRM) + w x "
+             "log(1 + training ratings) (`--popularity-weight auto`). Oracles (synthetic data): the generator's own "
+             "rankings from its planted parameters (`oracle_rankers` in benchmarks/retrieval.py). "
              "Latency: client-side `GET /recommend?k=10&exclude_rated=true`, one request at a time, both paths of one "
              "`serve --retrieval` process, one path after the other.", ""]
     for name, entry in report["datasets"].items():
@@ -215,14 +336,30 @@ def render(report: dict) -> str:
                   "| ranker | Recall@10 | Recall@50 | NDCG@10 | MAP@10 | vs popularity (R@50 / NDCG@10) | seconds |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         pop = m["popularity"]
-        for ranker in ("popularity", "dlrm", "two-tower", "two-stage"):
+        for ranker in (r for r in RANKERS if r in m):
             x = m[ranker]
             vs = "—" if ranker == "popularity" else (
                 f"{x['recall@50'] / pop['recall@50']:.2f}x / {x['ndcg@10'] / pop['ndcg@10']:.2f}x")
             lines.append(f"| {ranker} | {x['recall@10']:.4f} | {x['recall@50']:.4f} | {x['ndcg@10']:.4f} | "
                          f"{x['map@10']:.4f} | {vs} | {x['seconds']:.0f} |")
         gap = m["two-stage"]["ndcg@10"] / m["dlrm"]["ndcg@10"] - 1
-        lines += ["", f"Two-stage NDCG@10 vs the DLRM over every movie: {gap:+.1%}.", "",
+        lines += ["", f"Two-stage NDCG@10 vs the DLRM over every movie: {gap:+.1%}."]
+        two_stage = r.get("two_stage") or {}
+        picked = two_stage.get("picked_on_held_out_training_positives")
+        if picked:
+            grid = ", ".join(f"{float(w):g}: {v['recall@50']:.4f}" for w, v in picked["by_weight"].items())
+            lines += ["", f"Two-stage score: log(DLRM) + {two_stage['popularity_weight']:g} x log(1 + training ratings), "
+                      f"the weight picked on {picked['users']:,} users' held-out training positives (rows neither "
+                      f"model fitted; Recall@50 by weight: {grid}); `two-stage (w=0)`: the DLRM's order alone."]
+        if "oracle" in m:
+            o = m["oracle"]
+            share = {k: (m["two-tower"][k] - pop[k]) / (o[k] - pop[k]) if o[k] != pop[k] else float("nan")
+                     for k in ("recall@50", "ndcg@10")}
+            lines += ["", f"The ceiling: the generator's own Bayes-optimal ranking (`oracle`, P(rated in valid | training "
+                      f"movies) x P(like | rated)) is {o['recall@50'] / pop['recall@50']:.2f}x / "
+                      f"{o['ndcg@10'] / pop['ndcg@10']:.2f}x popularity (R@50 / NDCG@10); the two-tower has "
+                      f"{share['recall@50']:.0%} / {share['ndcg@10']:.0%} of the oracle's gain over popularity."]
+        lines += ["",
                   "| /recommend path | p50 ms | p99 ms | mean ms | requests |", "|---|---:|---:|---:|---:|"]
         for path in ("two-stage", "rank-all"):
             lines.append(f"| {path} | {t[path]['p50_ms']} | {t[path]['p99_ms']} | {t[path]['mean_ms']} | {t[path]['n']} |")
@@ -237,13 +374,14 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rankers = ("popularity", "dlrm", "two-tower", "two-stage")
+    rankers = ("popularity", "dlrm", "two-tower", "two-stage", "oracle")
     names = list(report["datasets"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(rankers)
     for ax, metric in zip(axes, ("recall@50", "ndcg@10")):
         for j, ranker in enumerate(rankers):
-            values = [report["datasets"][n]["ranking"]["metrics"][ranker][metric] for n in names]
-            ax.bar(np.arange(len(names)) + (j - 1.5) * 0.2, values, 0.2, label=ranker)
+            values = [report["datasets"][n]["ranking"]["metrics"].get(ranker, {}).get(metric, 0.0) for n in names]
+            ax.bar(np.arange(len(names)) + (j - (len(rankers) - 1) / 2) * width, values, width, label=ranker)
         ax.set_xticks(np.arange(len(names)), names, fontsize=8)
         ax.set_title(metric)
     axes[1].legend(fontsize=8, loc="upper right")

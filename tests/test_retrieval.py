@@ -150,7 +150,7 @@ def test_two_tower_config_refuses_settings_that_cannot_train():
     from pipeline.retrieval import TwoTowerConfig
 
     for bad in (dict(batch_size=1), dict(temperature=0.0), dict(select_fraction=0.0), dict(prior_weights=()),
-                dict(monitor="auc")):
+                dict(monitor="auc"), dict(embeddings_l2=-0.1), dict(embeddings_l2=float("inf"))):
         with pytest.raises(UsageError):
             TwoTowerConfig(**bad).check()
     TwoTowerConfig(select_fraction=0.0, early_stopping=False).check()
@@ -168,3 +168,47 @@ def test_the_compiled_two_stage_path_answers_as_the_reference_path(retriever, ra
             assert [m for m, _ in got] == [m for m, _ in expected]
             np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-6)
     assert len(recommender.recommend(7, k=60)) == 60  # more than the candidates: the reference path
+
+
+def test_two_stage_with_a_popularity_weight_ranks_by_log_score_plus_weighted_log_training_ratings(retriever, ranker,
+                                                                                               etl_dir):
+    import pyarrow.parquet as pq
+
+    from pipeline.retrieval import TwoStageRecommender, two_stage_recommend
+
+    weight = 0.75
+    recommender = TwoStageRecommender(retriever, ranker, candidates=40, popularity_weight=weight)
+    plain = TwoStageRecommender(retriever, ranker, candidates=40)
+    assert recommender.compiled
+    train = pd.concat([pq.read_table(p, columns=["movieId"]).to_pandas() for p in sorted((etl_dir / "train").glob("*.parquet"))])
+    ratings = train["movieId"].value_counts()
+    for user in (7, 11, UNSEEN_USER):
+        got = recommender.recommend(user, k=10, exclude_rated=True)
+        expected = two_stage_recommend(retriever, ranker, user, 10, candidates=40, exclude_rated=True,
+                                       popularity_weight=weight)
+        assert [m for m, _ in got] == [m for m, _ in expected]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-5)
+        # the same 40 candidates as without the weight, re-ranked by log p + w log(1 + the movie's training ratings)
+        candidates = dict(plain.recommend(user, k=40, exclude_rated=True))
+        movies = np.array([m for m, _ in got])
+        codes = np.ravel(ranker.features(pd.DataFrame({"userId": np.full(len(movies), 7), "movieId": movies}))["movieId"])
+        counts = np.array([ratings.get(int(c), 0) for c in codes])
+        want = np.log([candidates[m] for m in movies]) + weight * np.log1p(counts)
+        np.testing.assert_allclose([s for _, s in got], want, atol=1e-5)
+        assert set(movies) <= set(candidates)
+    with pytest.raises(ValueError, match="finite"):
+        TwoStageRecommender(retriever, ranker, candidates=40, popularity_weight=float("nan"))
+
+
+def test_the_popularity_weight_is_picked_on_the_training_rows_neither_model_fitted(retriever, ranker, model_dir):
+    from pipeline.retrieval import TwoStageRecommender
+    from pipeline.retrieval.popularity import POPULARITY_WEIGHTS, pick_popularity_weight
+
+    recommender = TwoStageRecommender(retriever, ranker, candidates=40)
+    picked = pick_popularity_weight(recommender, max_users=50)
+    fraction = json.loads((model_dir / "metrics.json").read_text())["model_selection"]["fraction"]
+    assert picked["holdout"] == {"seed": 0, "fraction": fraction}
+    assert 0 < picked["users"] <= 50 and set(picked["by_weight"]) == set(POPULARITY_WEIGHTS)
+    best = max(m["recall@50"] for m in picked["by_weight"].values())
+    assert picked["weight"] in POPULARITY_WEIGHTS and picked["by_weight"][picked["weight"]]["recall@50"] == best
+    assert all(0 <= m["recall@50"] <= 1 for m in picked["by_weight"].values())

@@ -10,6 +10,7 @@ import pytest
 import pipeline  # noqa: F401  (dask settings before nvtabular)
 
 CANDIDATES = 30
+POPULARITY_WEIGHT = 0.5  # two-stage ranks by log(DLRM score) + 0.5 log(1 + training ratings)
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,8 @@ def server(etl_dir, model_dir, two_tower_dir):
     from pipeline.serve import serve_in_subprocess
 
     with serve_in_subprocess("--data", str(etl_dir), "--model-dir", str(model_dir), "--retrieval", str(two_tower_dir),
-                             "--candidates", str(CANDIDATES), "--no-access-log") as (_, url):
+                             "--candidates", str(CANDIDATES), "--popularity-weight", str(POPULARITY_WEIGHT),
+                             "--no-access-log") as (_, url):
         yield url
 
 
@@ -31,9 +33,10 @@ def test_the_serve_retrieval_command_answers_both_paths(server, etl_dir, model_d
         for user in (7, 31):
             two = client.get("/recommend", params={"userId": user, "k": 10, "exclude_rated": "true"}).json()
             assert two["path"] == "two-stage" and two["candidates"] == CANDIDATES
-            expected = two_stage_recommend(retriever, ranker, user, 10, candidates=CANDIDATES, exclude_rated=True)
+            expected = two_stage_recommend(retriever, ranker, user, 10, candidates=CANDIDATES, exclude_rated=True,
+                                           popularity_weight=POPULARITY_WEIGHT)
             assert [i["movieId"] for i in two["items"]] == [m for m, _ in expected]
-            np.testing.assert_allclose([i["score"] for i in two["items"]], [s for _, s in expected], atol=1e-6)
+            np.testing.assert_allclose([i["score"] for i in two["items"]], [s for _, s in expected], atol=1e-5)
 
             one = client.get("/recommend", params={"userId": user, "k": 10, "exclude_rated": "true",
                                                    "path": "rank-all"}).json()
@@ -41,3 +44,4 @@ def test_the_serve_retrieval_command_answers_both_paths(server, etl_dir, model_d
             assert [i["movieId"] for i in one["items"]] == [m for m, _ in ranker.recommend(user, 10, True)]
         meta = client.get("/metadata").json()["retrieval"]
         assert meta["movies"] == len(retriever.index) and meta["dims"] == retriever.index.dim
+        assert meta["popularity_weight"] == POPULARITY_WEIGHT

@@ -58,6 +58,8 @@ class TwoTowerConfig:
     embedding_dim: int = setting(64, "width of every embedding of both towers")
     tower_dims: tuple[int, ...] = setting((128, 64), "the towers' layer widths (the last is the vectors' width)")
     temperature: float = setting(0.05, "the in-batch logits are cosine / temperature")
+    embeddings_l2: float = setting(0.0, "L2 penalty on the embeddings of each batch (both towers' "
+                                        "EmbeddingFeatures), added to the in-batch loss")
     logq_correction: bool = setting(True, "subtract log P(movie in a batch) from the in-batch logits")
     remove_accidental_hits: bool = setting(True, "mask in-batch negatives that are the row's own positive movie")
     item_bias: bool = setting(True, "learn a per-movie bias in the score (one more index dimension)")
@@ -86,6 +88,8 @@ class TwoTowerConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
+        if not (math.isfinite(self.embeddings_l2) and self.embeddings_l2 >= 0):
+            raise UsageError(f"embeddings_l2 must be a finite number >= 0, got {self.embeddings_l2}")
         if self.embedding_dim < 1 or not self.tower_dims or min(self.tower_dims) < 1:
             raise UsageError(f"embedding_dim and tower_dims must be positive, got {self.embedding_dim}, {self.tower_dims}")
         if not self.prior_weights or not all(math.isfinite(w) for w in self.prior_weights):
@@ -279,7 +283,8 @@ def fit_two_tower(data_dir: str | Path, out_dir: str | Path, config: TwoTowerCon
     try:
         net = mm.TwoTowerModel(schema, embedding_dim=config.embedding_dim, tower_dims=config.tower_dims,
                                temperature=config.temperature, logq_correction=config.logq_correction,
-                               remove_accidental_hits=config.remove_accidental_hits, item_bias=config.item_bias)
+                               remove_accidental_hits=config.remove_accidental_hits, item_bias=config.item_bias,
+                               embeddings_l2=config.embeddings_l2)
         fit_dir, selection, select = data_dir / "train", None, None
         if config.select_fraction > 0:
             fraction = min(config.select_fraction, SELECT_MAX_ROWS / max(1, int(train_ds.num_rows)))
@@ -365,8 +370,8 @@ def fit_two_tower(data_dir: str | Path, out_dir: str | Path, config: TwoTowerCon
 
 
 # The train stage's settings that a two-tower reads; the others (weight decay, heads, EMA) are the ranking models'.
-TRAIN_SETTINGS = ("epochs", "batch_size", "learning_rate", "embedding_dim", "seed", "early_stopping", "patience",
-                  "select_fraction")
+TRAIN_SETTINGS = ("epochs", "batch_size", "learning_rate", "embedding_dim", "embeddings_l2", "seed", "early_stopping",
+                  "patience", "select_fraction")
 
 
 def train_two_tower(data_dir: str | Path, out_dir: str | Path, config, *, overwrite: bool = False,

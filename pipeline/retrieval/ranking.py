@@ -177,12 +177,14 @@ def retrieval_ranker(retriever, chunk: int = 256) -> Ranker:
     return rank
 
 
-def two_stage_ranker(retriever, predictor, candidates: int) -> Ranker:
+def two_stage_ranker(retriever, predictor, candidates: int, popularity_weight: float = 0.0,
+                     recommender=None) -> Ranker:
     """``candidates`` movies from the two-tower model, ranked by the ranking model (``TwoStageRecommender``, what
-    ``serve --retrieval`` answers)."""
+    ``serve --retrieval`` answers; ``popularity_weight`` as there). ``recommender``: one already built."""
     from pipeline.retrieval.retriever import TwoStageRecommender
 
-    recommender = TwoStageRecommender(retriever, predictor, candidates)
+    if recommender is None:
+        recommender = TwoStageRecommender(retriever, predictor, candidates, popularity_weight)
 
     def rank(user_ids: np.ndarray) -> np.ndarray:
         return _pad([[m for m, _ in recommender.recommend(int(u), DEPTH, exclude_rated=True)] for u in user_ids])

@@ -141,11 +141,15 @@ class Retriever:
 
 
 def two_stage_recommend(retriever: Retriever, ranker, user_id: int, k: int = 10, *,
-                        candidates: int = DEFAULT_CANDIDATES, exclude_rated: bool = False) -> list[tuple[int, float]]:
-    """Top ``k`` ``(movieId, ranker score)``: ``candidates`` movies retrieved by the two-tower model, scored by the
+                        candidates: int = DEFAULT_CANDIDATES, exclude_rated: bool = False,
+                        popularity_weight: float = 0.0,
+                        log_popularity: np.ndarray | None = None) -> list[tuple[int, float]]:
+    """Top ``k`` ``(movieId, score)``: ``candidates`` movies retrieved by the two-tower model, scored by the
     ranking model's ``Predictor`` (through the saved workflow), best first; ties broken by movieId.
 
-    ``ArtifactError`` if the ranker gives a candidate a non-finite score.
+    The score is the ranker's; with a ``popularity_weight`` it is ``log(ranker score) + popularity_weight *
+    log(1 + training ratings)`` (``pipeline.retrieval.popularity``; ``log_popularity``: per index row, computed
+    from the training split when not given). ``ArtifactError`` if the ranker gives a candidate a non-finite score.
     """
     ids, _ = retriever.retrieve_many(np.array([user_id]), max(int(k), int(candidates)), exclude_rated)
     movies = np.sort(ids[0][ids[0] >= 0])
@@ -157,6 +161,12 @@ def two_stage_recommend(retriever: Retriever, ranker, user_id: int, k: int = 10,
     if len(bad):
         raise ArtifactError(f"the model in {ranker.model_dir} gave non-finite scores to {len(bad)} of {len(movies)} "
                             f"candidates for user {user_id} (first: movieId {int(movies[bad[0]])})")
+    if popularity_weight:
+        from pipeline.retrieval.popularity import combined_score, training_log_popularity
+
+        log_popularity = training_log_popularity(retriever) if log_popularity is None else log_popularity
+        scores = combined_score(scores, log_popularity[np.searchsorted(retriever.index.ids, movies)],
+                                popularity_weight)
     top = np.argsort(-scores, kind="stable")[:int(k)]  # movies are sorted: a tie goes to the lower movieId
     return [(int(movies[i]), float(scores[i])) for i in top]
 
@@ -176,6 +186,9 @@ class TwoStageRecommender:
         retriever: the two-tower ``Retriever``.
         ranker: the ranking model's ``Predictor`` (same ETL output as the retriever).
         candidates: movies retrieved per request and ranked.
+        popularity_weight: rank by ``log(ranker score) + popularity_weight * log(1 + training ratings)``
+            (``pipeline.retrieval.popularity``; 0: the ranker's score alone). The ranker scores ``P(like |
+            rated)``; the popularity term brings in how likely the movie is to be rated at all.
 
     Example:
         >>> recommender = TwoStageRecommender(retriever, ranker, candidates=200)  # doctest: +SKIP
@@ -183,13 +196,48 @@ class TwoStageRecommender:
         [(2858, 0.93), (1196, 0.91), (260, 0.90)]
     """
 
-    def __init__(self, retriever: Retriever, ranker, candidates: int = DEFAULT_CANDIDATES):
+    def __init__(self, retriever: Retriever, ranker, candidates: int = DEFAULT_CANDIDATES,
+                 popularity_weight: float = 0.0):
         if int(candidates) < 1:
             raise ValueError(f"candidates must be positive, got {candidates}")
         self.retriever = retriever
         self.ranker = ranker
         self.candidates = min(int(candidates), len(retriever.index))
+        self._log_popularity = None
+        self.popularity_weight = popularity_weight
         self._score = self._compile()
+
+    @property
+    def popularity_weight(self) -> float:
+        """The weight of ``log(1 + training ratings)`` in the two-stage score (0: the ranker's score alone)."""
+        return self._popularity_weight
+
+    @popularity_weight.setter
+    def popularity_weight(self, weight: float) -> None:
+        if not np.isfinite(weight):
+            raise ValueError(f"popularity_weight must be a finite number, got {weight}")
+        self._popularity_weight = float(weight)
+        if self._popularity_weight:
+            self.log_popularity  # read now (at start-up), not by the first request  # noqa: B018
+
+    @property
+    def log_popularity(self) -> np.ndarray:
+        """``log(1 + training ratings)`` per index row (``pipeline.retrieval.popularity``), read once."""
+        if self._log_popularity is None:
+            from pipeline.retrieval.popularity import training_log_popularity
+
+            self._log_popularity = training_log_popularity(self.retriever)
+        return self._log_popularity
+
+    def score_rows(self, user_id: int, rows: np.ndarray) -> np.ndarray:
+        """The ranker's scores ``(len(rows),)`` of index ``rows`` (at most ``candidates``) for a known raw
+        ``user_id``, by the compiled call."""
+        row = int(np.searchsorted(self._users, int(user_id)))
+        if row >= len(self._users) or self._users[row] != int(user_id):
+            raise ValueError(f"user {user_id} is not in the ranker's feature cache")
+        padded = np.zeros(self.candidates, np.int64)
+        padded[:len(rows)] = self._movie_row[rows]
+        return self._score(np.int64(row), padded).numpy()[:len(rows)]
 
     @property
     def compiled(self) -> bool:
@@ -237,7 +285,7 @@ class TwoStageRecommender:
         return score.get_concrete_function()
 
     def recommend(self, user_id: int, k: int = 10, exclude_rated: bool = False) -> list[tuple[int, float]]:
-        """Top ``k`` ``(movieId, ranker score)`` as ``two_stage_recommend`` answers them."""
+        """Top ``k`` ``(movieId, score)`` as ``two_stage_recommend`` answers them."""
         r = self.retriever
         if self._score is None or int(k) > self.candidates:
             return self._reference(user_id, k, exclude_rated)
@@ -257,9 +305,14 @@ class TwoStageRecommender:
             raise ArtifactError(f"the model in {self.ranker.model_dir} gave non-finite scores to {len(bad)} of "
                                 f"{len(rows)} candidates for user {user} (first: movieId "
                                 f"{int(r.index.ids[rows[bad[0]]])})")
+        if self.popularity_weight:
+            from pipeline.retrieval.popularity import combined_score
+
+            scores = combined_score(scores, self.log_popularity[rows], self.popularity_weight)
         top = np.argsort(-scores, kind="stable")[:int(k)]
         return [(int(r.index.ids[rows[i]]), float(scores[i])) for i in top]
 
     def _reference(self, user_id: int, k: int, exclude_rated: bool) -> list[tuple[int, float]]:
         return two_stage_recommend(self.retriever, self.ranker, user_id, k, candidates=self.candidates,
-                                   exclude_rated=exclude_rated)
+                                   exclude_rated=exclude_rated, popularity_weight=self.popularity_weight,
+                                   log_popularity=self.log_popularity if self.popularity_weight else None)
