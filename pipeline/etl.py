@@ -251,14 +251,15 @@ def run_etl(
         with _cluster_failures(out, dask_scheduler or (workers and "the local cluster")), atomic_dir(out) as tmp, \
                 dask_cluster(device, workers=workers, scheduler=dask_scheduler):
             fit_dir = tmp / ".fit"
-            workflow = movielens_workflow(variant, movielens.movies, movielens.users, out_path=fit_dir, seed=seed)
             from pipeline.cluster import cluster_dataset  # on a cluster: partitions sent to the workers once
 
             train_set = cluster_dataset(train, n_parts, cpu=cpu)
             valid_set = cluster_dataset(valid, _partitions(valid, n_part_bytes), cpu=cpu)
 
-            with _phase("fit", seconds, progress), out_of_fold(workflow):
-                workflow.fit(train_set)
+            with _phase("fit", seconds, progress):  # building the workflow encodes the side tables: part of fit
+                workflow = movielens_workflow(variant, movielens.movies, movielens.users, out_path=fit_dir, seed=seed)
+                with out_of_fold(workflow):
+                    workflow.fit(train_set)
             schema = _relocate_paths(workflow.output_schema, fit_dir, out.resolve() / "workflow")
             with _phase("transform_train", seconds, progress), out_of_fold(workflow):
                 _write(workflow.transform(train_set), tmp / "train", schema)

@@ -151,3 +151,41 @@ def test_movies_without_genres_give_empty_lists(tmp_path):
     assert workflow.output_schema["genres"].properties["value_count"]["min"] == 0
     no_genres = out["genres"][(train["movieId"] == movies["movieId"].iloc[0]).to_numpy()]
     assert len(no_genres) and all(len(v) == 0 for v in no_genres)
+
+
+def test_side_features_are_encoded_over_the_whole_side_table(tmp_path):
+    # A movie (user) in the side table but never rated in training keeps its own title code and its real
+    # genres (demographics): the side tables are encoded on themselves, not on the training rows.
+    users, movies = side_tables()
+    train = ratings_for(users, movies, n=800)
+    never_rated = {"movieId": 1_000, "title": "Never Rated (2001)", "genres": ["Film-Noir", "Sci-Fi"]}
+    movies = pd.concat([movies, pd.DataFrame([never_rated])], ignore_index=True)
+    workflow = movielens_workflow("ml-1m", movies, users, out_path=tmp_path / "cats")
+    workflow.fit(nvt.Dataset(train))
+    schema = workflow.output_schema
+    assert schema["title"].properties["embedding_sizes"]["cardinality"] == movies["title"].nunique() + 3
+    assert schema["zipcode"].properties["embedding_sizes"]["cardinality"] == users["zipcode"].nunique() + 3
+
+    request = pd.DataFrame({"userId": np.array([1], dtype="int64"), "movieId": np.array([never_rated["movieId"]]),
+                            "rating": np.array([4.0], dtype="float32")})
+    out = workflow.transform(nvt.Dataset(request)).to_ddf().compute()
+    assert out["movieId"].iloc[0] == 2, "the id itself was never rated: out-of-vocabulary"
+    assert out["title"].iloc[0] >= 3 and out["title"].dtype == np.int32
+    vocabulary = pd.read_parquet(schema["genres"].properties["cat_path"])["genres"]  # indexed by code
+    assert sorted(vocabulary.loc[list(out["genres"].iloc[0])]) == sorted(never_rated["genres"])
+
+
+def test_saved_workflow_carries_the_side_vocabularies(tmp_path):
+    users, movies = side_tables()
+    workflow = movielens_workflow("ml-1m", movies, users, out_path=tmp_path / "fit")
+    workflow.fit(nvt.Dataset(ratings_for(users, movies, n=400)))
+    workflow.save(str(tmp_path / "saved"))
+    loaded = nvt.Workflow.load(str(tmp_path / "saved"))
+    from merlin.dag import Graph
+
+    from pipeline.ops import EncodedColumns
+
+    (node,) = Graph.get_nodes_by_op_type([loaded.output_node], EncodedColumns)
+    for column in node.op.schema:
+        path = column.properties["cat_path"]
+        assert path.startswith(str(tmp_path / "saved")) and pd.read_parquet(path).shape[0] > 0, column.name
