@@ -170,6 +170,24 @@ class KFoldTargetEncoding(StatOperator):
     def transform(self, col_selector: ColumnSelector, df):
         if self.mean is None:
             raise RuntimeError("KFoldTargetEncoding.transform called before fit")
+        if not isinstance(df, pd.DataFrame):
+            return self._transform_by_merge(col_selector, df)
+        # pandas: a hash lookup of each key in the (unique) fitted values, then a take; a merge of
+        # every partition with every table, re-sorted to row order, was ~15 % of the ETL at ML-25M size.
+        folds = fold_ids(df, self.fold_columns, self.kfold, self.seed) if self.out_of_fold else None
+        out = {}
+        for col in col_selector.names:
+            table = self.folds[col] if self.out_of_fold else self.full[col]
+            values = table[col].to_numpy()[:: self.kfold] if self.out_of_fold else table[col].to_numpy()
+            position = pd.Index(values).get_indexer(df[col])
+            if folds is not None:
+                position = np.where(position >= 0, position * self.kfold + folds, -1)
+            te = table["te"].to_numpy()[np.maximum(position, 0)]
+            out[self.output_name(col)] = np.where(position >= 0, te, self.mean).astype(self.out_dtype)
+        return pd.DataFrame(out, index=df.index)
+
+    def _transform_by_merge(self, col_selector: ColumnSelector, df):
+        """The same values by a merge, for cudf frames."""
         keys = df[col_selector.names].copy()
         keys[_ROW] = np.arange(len(keys), dtype=np.int64)
         on = []
@@ -179,9 +197,7 @@ class KFoldTargetEncoding(StatOperator):
         tables = self.folds if self.out_of_fold else self.full
         out = {}
         for col in col_selector.names:
-            table = tables[col]
-            if not isinstance(df, pd.DataFrame):  # cudf: same code on the device frame
-                table = type(df).from_pandas(table)
+            table = type(df).from_pandas(tables[col])
             merged = keys[[col, _ROW, *on]].merge(table, on=[col, *on], how="left", sort=False)
             merged = merged.sort_values(_ROW)
             out[self.output_name(col)] = merged["te"].fillna(self.mean).astype(self.out_dtype).values
