@@ -45,8 +45,8 @@ MAX_USERS = {"synthetic-ml-1m": 2000, "synthetic-25m-catalog": 1000, "ml-100k": 
 # the 25M catalog's 0.9M positives: an epoch takes minutes on the shared 2 cores, so a 3-epoch cap (best of 3 kept)
 TWO_TOWER = {"synthetic-25m-catalog": dict(epochs=3, select_users=500)}
 # table rows, in this order where measured (the oracles on synthetic data only)
-RANKERS = ("popularity", "dlrm", "two-tower", "two-stage", "two-stage (w=0)", "oracle-popularity", "oracle-taste",
-           "oracle")
+RANKERS = ("popularity", "dlrm", "two-tower", "two-stage", "two-stage (DLRM only)", "oracle-popularity",
+           "oracle-taste", "oracle")
 
 
 def log(message: str) -> None:
@@ -101,7 +101,7 @@ def build(name: str, work: Path, args) -> tuple[Path, Path, Path, dict]:
     return etl, dlrm, tt, sizes
 
 
-def server(etl: Path, dlrm: Path, tt: Path, popularity_weight: float = 0.0):
+def server(etl: Path, dlrm: Path, tt: Path, popularity_weight: float = 0.0, retrieval_weight: float = 0.0):
     """``python -m pipeline serve --retrieval`` in its own process; returns ``(process, url)`` once ready."""
     import httpx
 
@@ -109,7 +109,8 @@ def server(etl: Path, dlrm: Path, tt: Path, popularity_weight: float = 0.0):
 
     port = free_port()
     command = [sys.executable, "-m", "pipeline", "serve", "--data", str(etl), "--model-dir", str(dlrm), "--retrieval",
-               str(tt), "--popularity-weight", str(popularity_weight), "--host", "127.0.0.1", "--port", str(port),
+               str(tt), "--popularity-weight", str(popularity_weight),
+               "--retrieval-weight", str(retrieval_weight), "--host", "127.0.0.1", "--port", str(port),
                "--no-access-log"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -166,14 +167,15 @@ def run(name: str, work: Path, args, previous: dict | None = None) -> dict:
         log(f"{name}: evaluating")
         load_before = round(os.getloadavg()[0], 2)
         max_users = args.max_users if args.max_users is not None else MAX_USERS[name]
-        # two-stage: log(DLRM) + w log(1 + training ratings), w picked on held-out training positives
+        # two-stage: log(DLRM) + w log(1 + training ratings) + v two-tower score, (w, v) picked on held-out
+        # training positives
         report = evaluate_models(etl, [tt, dlrm], candidates=args.candidates, max_users=max_users, seed=0,
-                                 progress=False, popularity_weight="auto")
+                                 progress=False, popularity_weight="auto", retrieval_weight="auto")
         report["metrics"].update(extra_rankers(etl, dlrm, tt, args.candidates, max_users, report["users"]))
         report["load_average"] = [load_before, round(os.getloadavg()[0], 2)]
     log(f"{name}: /recommend latency")
-    weight = (report.get("two_stage") or {}).get("popularity_weight", 0.0)
-    process, url = server(etl, dlrm, tt, weight)
+    weights = report.get("two_stage") or {}
+    process, url = server(etl, dlrm, tt, weights.get("popularity_weight", 0.0), weights.get("retrieval_weight", 0.0))
     try:
         import httpx
 
@@ -197,7 +199,7 @@ def raw_dir(etl: Path) -> Path:
 
 
 def extra_rankers(etl: Path, dlrm: Path, tt: Path, candidates: int, max_users: int | None, users: int) -> dict:
-    """Metrics of two-stage without the popularity term (``two-stage (w=0)``: the DLRM's order of the candidates)
+    """Metrics of two-stage by the DLRM's score alone (``two-stage (DLRM only)``: its order of the candidates)
     and, on synthetic data, of the generator's oracles (``oracle_rankers``), on ``evaluate_models``' users."""
     from pipeline.inference import Predictor
     from pipeline.retrieval import Retriever
@@ -207,7 +209,8 @@ def extra_rankers(etl: Path, dlrm: Path, tt: Path, candidates: int, max_users: i
     held_out = HeldOut.load(etl, retriever.predictor).sample(max_users, 0)  # evaluate_models' sample
     if len(held_out.users) != users:
         raise RuntimeError(f"{len(held_out.users)} users here, {users} in evaluate_models")
-    rankers = {"two-stage (w=0)": two_stage_ranker(retriever, ranker, candidates), **oracle_rankers(raw_dir(etl), ranker)}
+    rankers = {"two-stage (DLRM only)": two_stage_ranker(retriever, ranker, candidates),
+               **oracle_rankers(raw_dir(etl), ranker)}
     return evaluate_rankers(held_out, rankers, progress=False)
 
 
@@ -319,7 +322,7 @@ def render(report: dict) -> str:
              "Metrics: per valid user with a held-out positive (rating_binary == 1), every movie of the saved workflow "
              "ranked with the user's training movies excluded; binary relevance; averaged over users "
              "(`python -m pipeline evaluate`). Two-stage: 200 two-tower candidates ranked by log(DLRM) + w x "
-             "log(1 + training ratings) (`--popularity-weight auto`). Oracles (synthetic data): the generator's own "
+             "log(1 + training ratings) + v x two-tower score (`--popularity-weight auto --retrieval-weight auto`). Oracles (synthetic data): the generator's own "
              "rankings from its planted parameters (`oracle_rankers` in benchmarks/retrieval.py). "
              "Latency: client-side `GET /recommend?k=10&exclude_rated=true`, one request at a time, both paths of one "
              "`serve --retrieval` process, one path after the other.", ""]
@@ -347,10 +350,15 @@ def render(report: dict) -> str:
         two_stage = r.get("two_stage") or {}
         picked = two_stage.get("picked_on_held_out_training_positives")
         if picked:
-            grid = ", ".join(f"{float(w):g}: {v['recall@50']:.4f}" for w, v in picked["by_weight"].items())
-            lines += ["", f"Two-stage score: log(DLRM) + {two_stage['popularity_weight']:g} x log(1 + training ratings), "
-                      f"the weight picked on {picked['users']:,} users' held-out training positives (rows neither "
-                      f"model fitted; Recall@50 by weight: {grid}); `two-stage (w=0)`: the DLRM's order alone."]
+            by = picked["by_weights"]
+            best = by[f"{two_stage['popularity_weight']:g},{two_stage['retrieval_weight']:g}"]["recall@50"]
+            lines += ["", f"Two-stage score: log(DLRM) + {two_stage['popularity_weight']:g} x log(1 + training "
+                      f"ratings) + {two_stage['retrieval_weight']:g} x two-tower score, the weights picked on "
+                      f"{picked['users']:,} users' held-out training positives (rows neither model fitted): Recall@50 "
+                      f"there {best:.4f}, DLRM alone {by['0,0']['recall@50']:.4f}, best with popularity only "
+                      f"{max(m['recall@50'] for k, m in by.items() if k.endswith(',0')):.4f}, best with the two-tower "
+                      f"only {max(m['recall@50'] for k, m in by.items() if k.startswith('0,')):.4f}. "
+                      "`two-stage (DLRM only)`: the DLRM's order alone."]
         if "oracle" in m:
             o = m["oracle"]
             share = {k: (m["two-tower"][k] - pop[k]) / (o[k] - pop[k]) if o[k] != pop[k] else float("nan")

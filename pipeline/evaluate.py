@@ -46,12 +46,13 @@ def model_kind(model_dir: Path) -> str:
 
 def evaluate_models(data_dir: str | Path, model_dirs: list[str | Path], *, candidates: int = 200,
                     max_users: int | None = None, seed: int = 0, progress: bool = True,
-                    popularity_weight: float | str = 0.0) -> dict[str, Any]:
+                    popularity_weight: float | str = 0.0, retrieval_weight: float | str = 0.0) -> dict[str, Any]:
     """The ranking metrics of popularity and of every model in ``model_dirs`` (plus two-stage when there are a
     two-tower and a ranking model) on ``data_dir``'s valid split; returns the report written by the CLI.
 
-    ``popularity_weight``: two-stage ranks by ``log(ranker score) + w * log(1 + training ratings)``
-    (``pipeline.retrieval.popularity``); ``"auto"`` picks ``w`` on held-out training positives, never on valid."""
+    ``popularity_weight`` ``w``, ``retrieval_weight`` ``v``: two-stage ranks by ``log(ranker score) + w * log(1 +
+    training ratings) + v * two-tower score`` (``pipeline.retrieval.popularity``); ``"auto"`` picks them on held-out
+    training positives, never on valid."""
     import pipeline  # noqa: F401  (dask settings before merlin)
     from pipeline.inference import Predictor
     from pipeline.retrieval.ranking import (
@@ -90,16 +91,18 @@ def evaluate_models(data_dir: str | Path, model_dirs: list[str | Path], *, candi
         ranked[name] = retrieval_ranker(retriever)
     two_stage = None
     if retrievers and rankers:
-        from pipeline.retrieval.popularity import resolve_popularity_weight
+        from pipeline.retrieval.popularity import set_two_stage_weights
         from pipeline.retrieval.retriever import TwoStageRecommender
 
         recommender = TwoStageRecommender(retrievers[0][1], rankers[0][1], candidates)
-        weight, picked = resolve_popularity_weight(recommender, popularity_weight, seed=seed)
-        recommender.popularity_weight = weight
+        weights = set_two_stage_weights(recommender, popularity_weight, retrieval_weight, seed=seed)
         ranked["two-stage"] = two_stage_ranker(retrievers[0][1], rankers[0][1], candidates, recommender=recommender)
-        names["two-stage"] = f"{candidates} candidates from {retrievers[0][0]}, ranked by {rankers[0][0]}" + (
-            f" + {weight:g} x log(1 + training ratings)" if weight else "")
-        two_stage = {"popularity_weight": weight, "picked_on_held_out_training_positives": picked}
+        w, v = weights["popularity_weight"], weights["retrieval_weight"]
+        names["two-stage"] = (f"{candidates} candidates from {retrievers[0][0]}, ranked by "
+                              + (f"log {rankers[0][0]} + {w:g} x log(1 + training ratings) + {v:g} x "
+                                 f"{retrievers[0][0]} score" if w or v else rankers[0][0]))
+        two_stage = {"popularity_weight": w, "retrieval_weight": v,
+                     "picked_on_held_out_training_positives": weights["picked"]}
     metrics = evaluate_rankers(held_out, ranked, progress=progress)
     return {
         "data": str(Path(data_dir).resolve()),
@@ -121,7 +124,7 @@ def evaluate_models(data_dir: str | Path, model_dirs: list[str | Path], *, candi
 
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.retrieval.popularity import popularity_weight_arg
+    from pipeline.retrieval.popularity import weight_arg
 
     parser.add_argument("--data", type=Path, required=True, help="ETL output dir (workflow/, train/, valid/)")
     parser.add_argument("--model-dir", type=Path, action="append", required=True, dest="model_dirs",
@@ -129,9 +132,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the JSON report to write")
     parser.add_argument("--candidates", type=int, default=200,
                         help="two-stage: movies retrieved by the two-tower for the ranking model (default 200)")
-    parser.add_argument("--popularity-weight", type=popularity_weight_arg, default=0.0,
-                        help="two-stage: rank by log(ranker score) + W * log(1 + training ratings); 'auto' picks W on "
-                             "held-out training positives (default 0: the ranker's score alone)")
+    parser.add_argument("--popularity-weight", type=weight_arg, default=0.0,
+                        help="two-stage: rank by log(ranker score) + W * log(1 + training ratings) + V * two-tower "
+                             "score; 'auto' picks W on held-out training positives (default 0)")
+    parser.add_argument("--retrieval-weight", type=weight_arg, default=0.0,
+                        help="two-stage: V above; 'auto' picks it (with W when both are auto) on held-out training "
+                             "positives (default 0; both 0: the ranker's score alone)")
     parser.add_argument("--max-users", type=int, default=None,
                         help="evaluate a seeded sample of this many valid users (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-users sample (default 0)")
@@ -151,7 +157,8 @@ def main(args: argparse.Namespace) -> dict:
     check_output(args.out, stage="evaluate", flag="--out", is_previous_output=_is_report, kind="file",
                  inputs=[("--data", args.data), *[("--model-dir", m) for m in args.model_dirs]], overwrite=args.overwrite)
     report = evaluate_models(args.data, args.model_dirs, candidates=args.candidates, max_users=args.max_users,
-                             seed=args.seed, popularity_weight=args.popularity_weight)
+                             seed=args.seed, popularity_weight=args.popularity_weight,
+                             retrieval_weight=args.retrieval_weight)
     with atomic_file(args.out) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     summary = {name: {k: round(v, 4) for k, v in m.items() if "@" in k} for name, m in report["metrics"].items()}

@@ -540,13 +540,15 @@ class RequestGuard:
 def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_delay: float = 0.0,
                request_timeout: float = 10.0, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                access_log: bool = True, raw_graph: bool = True, retriever: "Retriever | None" = None,
-               candidates: int = 200, popularity_weight: float | str = 0.0) -> "FastAPI":
+               candidates: int = 200, popularity_weight: float | str = 0.0,
+               retrieval_weight: float | str = 0.0) -> "FastAPI":
     """The FastAPI application serving ``predictor`` (the batcher runs for the app's lifetime).
 
     ``retriever`` (a two-tower ``pipeline.retrieval.Retriever``): ``/recommend`` answers two-stage by default,
     ``candidates`` movies retrieved over the whole catalog and ranked by ``predictor``'s model; without it (or with
-    ``path=rank-all``) the model scores every movie. ``popularity_weight``: two-stage ranks by ``log(score) + w *
-    log(1 + training ratings)`` (``pipeline.retrieval.popularity``; ``"auto"``: picked on held-out training positives).
+    ``path=rank-all``) the model scores every movie. ``popularity_weight`` ``w``, ``retrieval_weight`` ``v``:
+    two-stage ranks by ``log(score) + w * log(1 + training ratings) + v * two-tower score``
+    (``pipeline.retrieval.popularity``; ``"auto"``: picked on held-out training positives).
 
     ``raw_graph``: score micro-batches with ``raw_scorer`` (checked against the predictor at startup)
     instead of ``predictor.predict``.
@@ -565,11 +567,11 @@ def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_dela
     two_stage = None
     if retriever is not None:
         from pipeline.retrieval import TwoStageRecommender
-        from pipeline.retrieval.popularity import resolve_popularity_weight
+        from pipeline.retrieval.popularity import set_two_stage_weights
 
         # the ranking call compiled once for `candidates` rows (TwoStageRecommender's docstring)
         two_stage = TwoStageRecommender(retriever, predictor, candidates)
-        two_stage.popularity_weight = resolve_popularity_weight(two_stage, popularity_weight)[0]
+        set_two_stage_weights(two_stage, popularity_weight, retrieval_weight)
     # /recommend's work (one index search + one model call, or the model over every movie) runs here: as many
     # threads as this machine's 2 cores, not anyio's 40-thread pool (more threads only queue for the cores)
     recommend_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="recommend")
@@ -718,7 +720,7 @@ def create_app(predictor: "Predictor", *, max_batch_rows: int = 65_536, max_dela
             "retrieval": None if retriever is None else {
                 "model_dir": str(retriever.predictor.model_dir), "index": type(retriever.index).__name__,
                 "movies": len(retriever.index), "dims": retriever.index.dim, "candidates": candidates,
-                "popularity_weight": two_stage.popularity_weight},
+                "popularity_weight": two_stage.popularity_weight, "retrieval_weight": two_stage.retrieval_weight},
         }
 
     @app.get("/metrics")
@@ -1233,7 +1235,7 @@ def _load_retriever(args: argparse.Namespace, *, feature_cache: bool):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.retrieval.popularity import popularity_weight_arg
+    from pipeline.retrieval.popularity import weight_arg
 
     parser.add_argument("--data", required=True, help="ETL output dir (holds workflow/ and train/)")
     parser.add_argument("--retrieval", default=None, metavar="MODEL_DIR",
@@ -1241,9 +1243,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with the --model-dir model (two-stage); path=rank-all still scores every movie")
     parser.add_argument("--candidates", type=int, default=200,
                         help="two-stage /recommend: movies retrieved for the ranking model (default 200)")
-    parser.add_argument("--popularity-weight", type=popularity_weight_arg, default=0.0,
-                        help="two-stage /recommend: rank by log(score) + W * log(1 + training ratings); 'auto' picks W "
-                             "on held-out training positives at start-up (default 0: the ranking model's score)")
+    parser.add_argument("--popularity-weight", type=weight_arg, default=0.0,
+                        help="two-stage /recommend: rank by log(score) + W * log(1 + training ratings) + V * two-tower "
+                             "score; 'auto' picks W on held-out training positives at start-up (default 0)")
+    parser.add_argument("--retrieval-weight", type=weight_arg, default=0.0,
+                        help="two-stage /recommend: V above, or 'auto' (default 0; both 0: the ranking model's score)")
     add_renamed(parser, "--model-dir", ("--model",), required=True, help="model dir written by `train`")
     add_config_arguments(parser, ServeConfig, group="service settings")
 
@@ -1271,7 +1275,8 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(predictor, max_batch_rows=config.max_batch_rows, max_delay=config.max_delay_ms / 1000,
                      request_timeout=config.request_timeout_s, max_body_bytes=config.max_body_bytes,
                      access_log=config.access_log, raw_graph=config.raw_graph,
-                     retriever=retriever, candidates=args.candidates, popularity_weight=args.popularity_weight)
+                     retriever=retriever, candidates=args.candidates, popularity_weight=args.popularity_weight,
+                     retrieval_weight=args.retrieval_weight)
     server = _uvicorn_server(app, read_timeout=config.read_timeout_s, keep_alive=config.keep_alive_s,
                              shutdown_timeout=config.shutdown_timeout_s)
     logger.info("serving %s with the workflow of %s on http://%s:%s", args.model_dir, args.data, config.host, config.port)

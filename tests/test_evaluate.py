@@ -16,15 +16,17 @@ def test_evaluate_reports_every_ranker_on_the_same_users(etl_dir, model_dir, two
     out = tmp_path / "ranking.json"
     done = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", "--data", str(etl_dir), "--model-dir",
                            str(two_tower_dir), "--model-dir", str(model_dir), "--out", str(out), "--candidates", "60",
-                           "--max-users", "120", "--popularity-weight", "auto"], capture_output=True, text=True,
-                          timeout=600)
+                           "--max-users", "120", "--popularity-weight", "auto", "--retrieval-weight", "auto"],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["metrics"]) == {"popularity", "dlrm", "two-tower", "two-stage"}
     assert report["users"] == 120 and report["candidates"] == 60
-    # two-stage's popularity weight picked on held-out training positives, never on valid
+    # two-stage's weights picked on held-out training positives, never on valid
     picked = report["two_stage"]["picked_on_held_out_training_positives"]
-    assert report["two_stage"]["popularity_weight"] == picked["weight"] and picked["users"] > 0
+    assert picked["users"] > 0
+    for name in ("popularity_weight", "retrieval_weight"):
+        assert report["two_stage"][name] == picked[name]
     for name, m in report["metrics"].items():
         assert m["users"] == 120
         assert 0 < m["recall@10"] <= m["recall@50"] <= 1, name

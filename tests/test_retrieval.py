@@ -200,15 +200,35 @@ def test_two_stage_with_a_popularity_weight_ranks_by_log_score_plus_weighted_log
         TwoStageRecommender(retriever, ranker, candidates=40, popularity_weight=float("nan"))
 
 
-def test_the_popularity_weight_is_picked_on_the_training_rows_neither_model_fitted(retriever, ranker, model_dir):
-    from pipeline.retrieval import TwoStageRecommender
-    from pipeline.retrieval.popularity import POPULARITY_WEIGHTS, pick_popularity_weight
+def test_the_two_stage_weights_are_picked_on_the_training_rows_neither_model_fitted(retriever, ranker, model_dir):
+    from pipeline.retrieval import TwoStageRecommender, pick_two_stage_weights
+    from pipeline.retrieval.popularity import POPULARITY_WEIGHTS, RETRIEVAL_WEIGHTS, set_two_stage_weights
 
-    recommender = TwoStageRecommender(retriever, ranker, candidates=40)
-    picked = pick_popularity_weight(recommender, max_users=50)
+    recommender = TwoStageRecommender(retriever, ranker, candidates=100)  # more than 50: the order matters
+    picked = pick_two_stage_weights(recommender, max_users=50)
     fraction = json.loads((model_dir / "metrics.json").read_text())["model_selection"]["fraction"]
     assert picked["holdout"] == {"seed": 0, "fraction": fraction}
-    assert 0 < picked["users"] <= 50 and set(picked["by_weight"]) == set(POPULARITY_WEIGHTS)
-    best = max(m["recall@50"] for m in picked["by_weight"].values())
-    assert picked["weight"] in POPULARITY_WEIGHTS and picked["by_weight"][picked["weight"]]["recall@50"] == best
-    assert all(0 <= m["recall@50"] <= 1 for m in picked["by_weight"].values())
+    assert 0 < picked["users"] <= 50 and len(picked["by_weights"]) == len(POPULARITY_WEIGHTS) * len(RETRIEVAL_WEIGHTS)
+    best = max(m["recall@50"] for m in picked["by_weights"].values())
+    w, v = picked["popularity_weight"], picked["retrieval_weight"]
+    assert w in POPULARITY_WEIGHTS and v in RETRIEVAL_WEIGHTS and picked["by_weights"][f"{w:g},{v:g}"]["recall@50"] == best
+    assert all(0 <= m["recall@50"] <= 1 for m in picked["by_weights"].values())
+    # one weight given, the other auto: only the auto one is searched
+    set_two_stage_weights(recommender, 0.5, "auto")
+    assert recommender.popularity_weight == 0.5 and recommender.retrieval_weight in RETRIEVAL_WEIGHTS
+
+
+def test_two_stage_with_a_retrieval_weight_adds_the_two_tower_score(retriever, ranker):
+    from pipeline.retrieval import TwoStageRecommender, two_stage_recommend
+
+    recommender = TwoStageRecommender(retriever, ranker, candidates=40, popularity_weight=0.5, retrieval_weight=0.25)
+    for user in (7, UNSEEN_USER):
+        got = recommender.recommend(user, k=10, exclude_rated=True)
+        expected = two_stage_recommend(retriever, ranker, user, 10, candidates=40, exclude_rated=True,
+                                       popularity_weight=0.5, retrieval_weight=0.25)
+        assert [m for m, _ in got] == [m for m, _ in expected]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-5)
+    # with only the retrieval term at a large weight the order is the two-tower's own
+    alone = TwoStageRecommender(retriever, ranker, candidates=40, retrieval_weight=1e6)
+    assert [m for m, _ in alone.recommend(7, k=10, exclude_rated=True)] == [
+        m for m, _ in retriever.retrieve(7, k=10, exclude_rated=True)]

@@ -10,7 +10,8 @@ import pytest
 import pipeline  # noqa: F401  (dask settings before nvtabular)
 
 CANDIDATES = 30
-POPULARITY_WEIGHT = 0.5  # two-stage ranks by log(DLRM score) + 0.5 log(1 + training ratings)
+POPULARITY_WEIGHT = 0.5  # two-stage ranks by log(DLRM score) + 0.5 log(1 + training ratings) + 0.25 x two-tower
+RETRIEVAL_WEIGHT = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +21,7 @@ def server(etl_dir, model_dir, two_tower_dir):
 
     with serve_in_subprocess("--data", str(etl_dir), "--model-dir", str(model_dir), "--retrieval", str(two_tower_dir),
                              "--candidates", str(CANDIDATES), "--popularity-weight", str(POPULARITY_WEIGHT),
+                             "--retrieval-weight", str(RETRIEVAL_WEIGHT),
                              "--no-access-log") as (_, url):
         yield url
 
@@ -34,7 +36,7 @@ def test_the_serve_retrieval_command_answers_both_paths(server, etl_dir, model_d
             two = client.get("/recommend", params={"userId": user, "k": 10, "exclude_rated": "true"}).json()
             assert two["path"] == "two-stage" and two["candidates"] == CANDIDATES
             expected = two_stage_recommend(retriever, ranker, user, 10, candidates=CANDIDATES, exclude_rated=True,
-                                           popularity_weight=POPULARITY_WEIGHT)
+                                           popularity_weight=POPULARITY_WEIGHT, retrieval_weight=RETRIEVAL_WEIGHT)
             assert [i["movieId"] for i in two["items"]] == [m for m, _ in expected]
             np.testing.assert_allclose([i["score"] for i in two["items"]], [s for _, s in expected], atol=1e-5)
 
@@ -44,4 +46,4 @@ def test_the_serve_retrieval_command_answers_both_paths(server, etl_dir, model_d
             assert [i["movieId"] for i in one["items"]] == [m for m, _ in ranker.recommend(user, 10, True)]
         meta = client.get("/metadata").json()["retrieval"]
         assert meta["movies"] == len(retriever.index) and meta["dims"] == retriever.index.dim
-        assert meta["popularity_weight"] == POPULARITY_WEIGHT
+        assert (meta["popularity_weight"], meta["retrieval_weight"]) == (POPULARITY_WEIGHT, RETRIEVAL_WEIGHT)

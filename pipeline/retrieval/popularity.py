@@ -1,11 +1,14 @@
-"""Two-stage scoring with popularity: the ranker's ``log P(like | rated)`` plus ``w * log(1 + training ratings)``.
+"""Two-stage scoring: the ranker's ``log P(like | rated)`` plus ``w * log(1 + training ratings)`` plus ``v *`` the
+two-tower's retrieval score.
 
 A rating model (the DLRM) is trained on the ratings that exist, so it scores ``P(rating > 3 | the user rated the
 movie)``; a held-out liked movie must also be rated at all, and how often a movie is rated is its popularity.
-``combined_score`` ranks the candidates by ``log p + w * log(1 + n_ratings)`` (``w = 0``: the ranker's score
-alone, unchanged). ``pick_popularity_weight`` chooses ``w`` as the two-tower's prior weight is chosen: on the
-held-out *training* rows that neither model fitted (``pipeline.train.selection_mask`` with the ranker's
-selection seed and fraction), with the ratings counted on the fitted rows only; never on the valid split.
+The two-tower, trained on the positives alone, scores ``log P(this liked movie | user)`` up to a constant per user.
+``combined_score`` ranks the candidates by ``log p + w * log(1 + n_ratings) + v * retrieval score`` (``w = v =
+0``: the ranker's score alone, unchanged). ``pick_two_stage_weights`` chooses ``w`` and ``v`` as the two-tower's
+prior weight is chosen: on the held-out *training* rows that neither model fitted
+(``pipeline.train.selection_mask`` with the models' selection seed and fraction), with the ratings counted on the
+fitted rows only; never on the valid split.
 """
 
 from __future__ import annotations
@@ -22,15 +25,22 @@ logger = logging.getLogger(__name__)
 
 USER, ITEM = "userId", "movieId"
 POPULARITY_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+RETRIEVAL_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # the retrieval score is cosine / 0.05 + per-movie terms
 MIN_PROBABILITY = 1e-12  # log of a ranker probability of 0 stays finite
 
 
-def combined_score(probability: np.ndarray, log_popularity: np.ndarray, weight: float) -> np.ndarray:
-    """``log(probability) + weight * log_popularity`` (float64, same shape); ``weight == 0``: ``probability``."""
-    if weight == 0.0:
+def combined_score(probability: np.ndarray, log_popularity: np.ndarray, weight: float,
+                   retrieval: np.ndarray | None = None, retrieval_weight: float = 0.0) -> np.ndarray:
+    """``log(probability) + weight * log_popularity + retrieval_weight * retrieval`` (float64, same shape); both
+    weights 0: ``probability`` as given."""
+    if weight == 0.0 and retrieval_weight == 0.0:
         return np.asarray(probability)
-    return np.log(np.maximum(np.asarray(probability, np.float64), MIN_PROBABILITY)) + weight * np.asarray(
-        log_popularity, np.float64)
+    score = np.log(np.maximum(np.asarray(probability, np.float64), MIN_PROBABILITY))
+    if weight:
+        score = score + weight * np.asarray(log_popularity, np.float64)
+    if retrieval_weight:
+        score = score + retrieval_weight * np.asarray(retrieval, np.float64)
+    return score
 
 
 def _train_ids(train_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,14 +91,16 @@ def selection_holdout(*model_dirs: str | Path) -> tuple[int, float]:
     return found.pop()
 
 
-def pick_popularity_weight(recommender, weights=POPULARITY_WEIGHTS, *, max_users: int = 2000,
-                           seed: int = 0) -> dict:
-    """The ``weights`` entry whose ``combined_score`` ranks the held-out training positives best (Recall@50).
+def pick_two_stage_weights(recommender, popularity_weights=POPULARITY_WEIGHTS,
+                           retrieval_weights=RETRIEVAL_WEIGHTS, *, max_users: int = 2000, seed: int = 0) -> dict:
+    """The pair ``(w, v)`` of ``popularity_weights`` x ``retrieval_weights`` whose ``combined_score`` ranks the
+    held-out training positives best (Recall@50; a tie: the smaller weights).
 
     ``recommender``: a compiled ``TwoStageRecommender`` (its retriever and ranker). For at most ``max_users``
     users (a seeded sample) with held-out positives, the two-tower retrieves ``candidates`` movies, the user's
-    *fitted* movies excluded; the ranker scores them once and every weight re-ranks them, popularity counted
-    on the fitted rows. Returns ``{"weight", "by_weight": {w: metrics}, "users", "holdout"}``.
+    *fitted* movies excluded; the ranker scores them once and every pair re-ranks them, popularity counted
+    on the fitted rows. Returns ``{"popularity_weight", "retrieval_weight", "by_weights": {"w,v": metrics},
+    "users", "holdout"}``.
     """
     from pipeline.retrieval.ranking import DEPTH, ranking_metrics
     from pipeline.train import selection_mask
@@ -113,35 +125,41 @@ def pick_popularity_weight(recommender, weights=POPULARITY_WEIGHTS, *, max_users
     starts = np.searchsorted(users[order], candidates)
     ends = np.searchsorted(users[order], candidates, side="right")
     user_at = {int(c): i for i, c in enumerate(retriever.user_codes)}
-    ranked = {w: [] for w in weights}
+    pairs = [(float(w), float(v)) for w in popularity_weights for v in retrieval_weights]
+    ranked = {pair: [] for pair in pairs}
     relevant = []
     for code, lo, hi in zip(candidates, starts, ends):
         rows_of_user = order[lo:hi]
         fitted = item_rows[rows_of_user[~held[rows_of_user]]]
         relevant.append(np.unique(item_rows[rows_of_user[positive[rows_of_user]]]))
         at = user_at[int(code)]
-        rows = retriever.index.search_rows(retriever.user_vectors[at:at + 1], recommender.candidates,
-                                           [fitted[fitted >= 0]])[0][0]
-        rows = np.sort(rows[rows >= 0])
+        rows, retrieval = retriever.index.search_rows(retriever.user_vectors[at:at + 1], recommender.candidates,
+                                                      [fitted[fitted >= 0]])
+        rows, retrieval = rows[0][rows[0] >= 0], retrieval[0][rows[0] >= 0]
+        by_movie = np.argsort(rows)  # movieId order, as the serving path ranks them
+        rows, retrieval = rows[by_movie], retrieval[by_movie]
         probability = recommender.score_rows(int(retriever.users[at]), rows)
-        for w in weights:
-            score = combined_score(probability, log_popularity[rows], w)
-            ranked[w].append(rows[np.argsort(-score, kind="stable")[:DEPTH]])
-    by_weight = {}
-    for w in weights:
+        for w, v in pairs:
+            score = combined_score(probability, log_popularity[rows], w, retrieval, v)
+            ranked[(w, v)].append(rows[np.argsort(-score, kind="stable")[:DEPTH]])
+    by_pair = {}
+    for pair in pairs:
         padded = np.full((len(relevant), DEPTH), -1, np.int64)
-        for i, top in enumerate(ranked[w]):
+        for i, top in enumerate(ranked[pair]):
             padded[i, :len(top)] = top
-        by_weight[float(w)] = ranking_metrics(padded, relevant)
-    best = max(by_weight, key=lambda w: (by_weight[w]["recall@50"], -abs(w)))  # a tie: the smaller weight
-    logger.info("two-stage popularity weight %g picked on %d users' held-out training positives (recall@50 %s)",
-                best, len(relevant), {w: round(m["recall@50"], 4) for w, m in by_weight.items()})
-    return {"weight": best, "by_weight": by_weight, "users": len(relevant),
+        by_pair[pair] = ranking_metrics(padded, relevant)
+    best = max(by_pair, key=lambda p: (by_pair[p]["recall@50"], -abs(p[1]), -abs(p[0])))
+    logger.info("two-stage weights (popularity %g, retrieval %g) picked on %d users' held-out training positives "
+                "(recall@50 %.4f; both 0: %.4f)", *best, len(relevant), by_pair[best]["recall@50"],
+                by_pair.get((0.0, 0.0), {}).get("recall@50", float("nan")))
+    return {"popularity_weight": best[0], "retrieval_weight": best[1],
+            "by_weights": {f"{w:g},{v:g}": m for (w, v), m in by_pair.items()}, "users": len(relevant),
             "holdout": {"seed": holdout[0], "fraction": holdout[1]}}
 
 
-def popularity_weight_arg(text: str) -> float | str:
-    """argparse type of ``--popularity-weight``: a finite number, or ``auto`` (``pick_popularity_weight``)."""
+def weight_arg(text: str) -> float | str:
+    """argparse type of ``--popularity-weight`` / ``--retrieval-weight``: a finite number, or ``auto``
+    (``pick_two_stage_weights``)."""
     import argparse
     import math
 
@@ -156,10 +174,18 @@ def popularity_weight_arg(text: str) -> float | str:
     return value
 
 
-def resolve_popularity_weight(recommender, weight: float | str, *, seed: int = 0) -> tuple[float, dict | None]:
-    """``(weight, how it was picked)``: a number as given (``None``), or ``auto`` picked by
-    ``pick_popularity_weight`` (its report)."""
-    if weight == "auto":
-        picked = pick_popularity_weight(recommender, seed=seed)
-        return picked["weight"], picked
-    return float(weight), None
+def set_two_stage_weights(recommender, popularity_weight: float | str = 0.0, retrieval_weight: float | str = 0.0, *,
+                          seed: int = 0) -> dict:
+    """Set ``recommender``'s two weights: each a number as given, or ``auto``: picked (both jointly when both are
+    ``auto``) by ``pick_two_stage_weights``. Returns ``{"popularity_weight", "retrieval_weight", "picked"}``
+    (``picked``: the pick's report, or None)."""
+    picked = None
+    if "auto" in (popularity_weight, retrieval_weight):
+        grid = {name: (POPULARITY_WEIGHTS if name == "popularity" else RETRIEVAL_WEIGHTS) if value == "auto"
+                else (float(value),) for name, value in (("popularity", popularity_weight),
+                                                        ("retrieval", retrieval_weight))}
+        picked = pick_two_stage_weights(recommender, grid["popularity"], grid["retrieval"], seed=seed)
+        popularity_weight, retrieval_weight = picked["popularity_weight"], picked["retrieval_weight"]
+    recommender.popularity_weight, recommender.retrieval_weight = float(popularity_weight), float(retrieval_weight)
+    return {"popularity_weight": recommender.popularity_weight, "retrieval_weight": recommender.retrieval_weight,
+            "picked": picked}

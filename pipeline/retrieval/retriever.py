@@ -142,17 +142,19 @@ class Retriever:
 
 def two_stage_recommend(retriever: Retriever, ranker, user_id: int, k: int = 10, *,
                         candidates: int = DEFAULT_CANDIDATES, exclude_rated: bool = False,
-                        popularity_weight: float = 0.0,
-                        log_popularity: np.ndarray | None = None) -> list[tuple[int, float]]:
+                        popularity_weight: float = 0.0, log_popularity: np.ndarray | None = None,
+                        retrieval_weight: float = 0.0) -> list[tuple[int, float]]:
     """Top ``k`` ``(movieId, score)``: ``candidates`` movies retrieved by the two-tower model, scored by the
     ranking model's ``Predictor`` (through the saved workflow), best first; ties broken by movieId.
 
-    The score is the ranker's; with a ``popularity_weight`` it is ``log(ranker score) + popularity_weight *
-    log(1 + training ratings)`` (``pipeline.retrieval.popularity``; ``log_popularity``: per index row, computed
-    from the training split when not given). ``ArtifactError`` if the ranker gives a candidate a non-finite score.
+    The score is the ranker's; with a ``popularity_weight`` or a ``retrieval_weight`` it is ``log(ranker score) +
+    popularity_weight * log(1 + training ratings) + retrieval_weight * the two-tower's score``
+    (``pipeline.retrieval.popularity``; ``log_popularity``: per index row, computed from the training split when
+    not given). ``ArtifactError`` if the ranker gives a candidate a non-finite score.
     """
-    ids, _ = retriever.retrieve_many(np.array([user_id]), max(int(k), int(candidates)), exclude_rated)
-    movies = np.sort(ids[0][ids[0] >= 0])
+    ids, retrieval = retriever.retrieve_many(np.array([user_id]), max(int(k), int(candidates)), exclude_rated)
+    order = np.argsort(ids[0][ids[0] >= 0])
+    movies, retrieval = ids[0][ids[0] >= 0][order], retrieval[0][ids[0] >= 0][order]
     if not len(movies):
         return []
     frame = pd.DataFrame({USER: np.full(len(movies), user_id, dtype=np.int64), ITEM: movies})
@@ -161,12 +163,13 @@ def two_stage_recommend(retriever: Retriever, ranker, user_id: int, k: int = 10,
     if len(bad):
         raise ArtifactError(f"the model in {ranker.model_dir} gave non-finite scores to {len(bad)} of {len(movies)} "
                             f"candidates for user {user_id} (first: movieId {int(movies[bad[0]])})")
-    if popularity_weight:
+    if popularity_weight or retrieval_weight:
         from pipeline.retrieval.popularity import combined_score, training_log_popularity
 
-        log_popularity = training_log_popularity(retriever) if log_popularity is None else log_popularity
+        if log_popularity is None:
+            log_popularity = training_log_popularity(retriever) if popularity_weight else np.zeros(len(retriever.index))
         scores = combined_score(scores, log_popularity[np.searchsorted(retriever.index.ids, movies)],
-                                popularity_weight)
+                                popularity_weight, retrieval, retrieval_weight)
     top = np.argsort(-scores, kind="stable")[:int(k)]  # movies are sorted: a tie goes to the lower movieId
     return [(int(movies[i]), float(scores[i])) for i in top]
 
@@ -186,9 +189,10 @@ class TwoStageRecommender:
         retriever: the two-tower ``Retriever``.
         ranker: the ranking model's ``Predictor`` (same ETL output as the retriever).
         candidates: movies retrieved per request and ranked.
-        popularity_weight: rank by ``log(ranker score) + popularity_weight * log(1 + training ratings)``
-            (``pipeline.retrieval.popularity``; 0: the ranker's score alone). The ranker scores ``P(like |
-            rated)``; the popularity term brings in how likely the movie is to be rated at all.
+        popularity_weight, retrieval_weight: rank by ``log(ranker score) + popularity_weight * log(1 + training
+            ratings) + retrieval_weight * the two-tower's score`` (``pipeline.retrieval.popularity``; both 0: the
+            ranker's score alone). The ranker scores ``P(like | rated)``; the popularity term brings in how likely
+            the movie is to be rated at all, the retrieval score the two-tower's own estimate.
 
     Example:
         >>> recommender = TwoStageRecommender(retriever, ranker, candidates=200)  # doctest: +SKIP
@@ -197,7 +201,7 @@ class TwoStageRecommender:
     """
 
     def __init__(self, retriever: Retriever, ranker, candidates: int = DEFAULT_CANDIDATES,
-                 popularity_weight: float = 0.0):
+                 popularity_weight: float = 0.0, retrieval_weight: float = 0.0):
         if int(candidates) < 1:
             raise ValueError(f"candidates must be positive, got {candidates}")
         self.retriever = retriever
@@ -205,7 +209,19 @@ class TwoStageRecommender:
         self.candidates = min(int(candidates), len(retriever.index))
         self._log_popularity = None
         self.popularity_weight = popularity_weight
+        self.retrieval_weight = retrieval_weight
         self._score = self._compile()
+
+    @property
+    def retrieval_weight(self) -> float:
+        """The weight of the two-tower's score in the two-stage score (0: left out)."""
+        return self._retrieval_weight
+
+    @retrieval_weight.setter
+    def retrieval_weight(self, weight: float) -> None:
+        if not np.isfinite(weight):
+            raise ValueError(f"retrieval_weight must be a finite number, got {weight}")
+        self._retrieval_weight = float(weight)
 
     @property
     def popularity_weight(self) -> float:
@@ -295,24 +311,28 @@ class TwoStageRecommender:
         if at >= len(r.users) or r.users[at] != user or row >= len(self._users) or self._users[row] != user:
             return self._reference(user_id, k, exclude_rated)  # unseen: its features come from the workflow
         exclude = [r.rated_rows(int(r.user_codes[at]))] if exclude_rated else None
-        rows = r.index.search_rows(r.user_vectors[at:at + 1], self.candidates, exclude)[0][0]
+        rows, retrieval = r.index.search_rows(r.user_vectors[at:at + 1], self.candidates, exclude)
+        rows, retrieval = rows[0], retrieval[0]
         if rows[-1] < 0:  # fewer allowed movies than candidates
             return self._reference(user_id, k, exclude_rated)
-        rows = np.sort(rows)  # index rows are in movieId order: a tie goes to the lower movieId
+        order = np.argsort(rows)  # index rows are in movieId order: a tie goes to the lower movieId
+        rows, retrieval = rows[order], retrieval[order]
         scores = self._score(np.int64(row), self._movie_row[rows]).numpy()
         if not np.isfinite(scores).all():
             bad = np.flatnonzero(~np.isfinite(scores))
             raise ArtifactError(f"the model in {self.ranker.model_dir} gave non-finite scores to {len(bad)} of "
                                 f"{len(rows)} candidates for user {user} (first: movieId "
                                 f"{int(r.index.ids[rows[bad[0]]])})")
-        if self.popularity_weight:
+        if self.popularity_weight or self.retrieval_weight:
             from pipeline.retrieval.popularity import combined_score
 
-            scores = combined_score(scores, self.log_popularity[rows], self.popularity_weight)
+            log_popularity = self.log_popularity[rows] if self.popularity_weight else None
+            scores = combined_score(scores, log_popularity, self.popularity_weight, retrieval, self.retrieval_weight)
         top = np.argsort(-scores, kind="stable")[:int(k)]
         return [(int(r.index.ids[rows[i]]), float(scores[i])) for i in top]
 
     def _reference(self, user_id: int, k: int, exclude_rated: bool) -> list[tuple[int, float]]:
         return two_stage_recommend(self.retriever, self.ranker, user_id, k, candidates=self.candidates,
                                    exclude_rated=exclude_rated, popularity_weight=self.popularity_weight,
-                                   log_popularity=self.log_popularity if self.popularity_weight else None)
+                                   log_popularity=self.log_popularity if self.popularity_weight else None,
+                                   retrieval_weight=self.retrieval_weight)
