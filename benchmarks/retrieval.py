@@ -349,7 +349,7 @@ def render(report: dict) -> str:
         lines += ["", f"Two-stage NDCG@10 vs the DLRM over every movie: {gap:+.1%}."]
         two_stage = r.get("two_stage") or {}
         picked = two_stage.get("picked_on_held_out_training_positives")
-        if picked:
+        if picked and "by_weights" in picked:  # (earlier runs recorded a popularity weight alone)
             by = picked["by_weights"]
             best = by[f"{two_stage['popularity_weight']:g},{two_stage['retrieval_weight']:g}"]["recall@50"]
             lines += ["", f"Two-stage score: log(DLRM) + {two_stage['popularity_weight']:g} x log(1 + training "
