@@ -11,7 +11,7 @@ the runs interleaved round by round (``--repeat``) because the machine is shared
 - **ours, in memory**: ``pipeline.models.DLRMModel(schema)`` (train defaults, binary head) fitted on
   ``model.make_loader(train, batch, shuffle=True, mode="memory")``: the split read once into host arrays
   and fed as a tf.data pipeline (``Loader.tf_dataset``);
-- **ours, streamed**: the same with ``mode="stream"`` (merlin.dataloader reads parquet every epoch);
+- **ours, streamed**: the same with ``mode="stream"`` (each epoch reads the parquet chunk by chunk);
 - **trials** of item 2 of issue 12 on the in-memory path: ``jit_compile`` (XLA) and ``steps_per_execution``;
 - **plain Keras**: a Keras functional model of the same layers fed from numpy arrays already in memory;
 - **the train stage as a user runs it**: ``python -m pipeline train --data D --out M --epochs N`` on real ML-100K

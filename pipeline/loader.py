@@ -20,16 +20,21 @@ Epochs are counted by complete passes over the data, not by ``on_epoch_end``: Ke
 epoch's first batch from its prefetch thread while it may still be calling ``on_epoch_end`` for the last
 one, so counting calls would make the shuffle depend on thread timing.
 
-Two ways to the same batches. When the split fits comfortably in memory (its size from the parquet
+Three ways to the same batches. When the split fits comfortably in memory (its size from the parquet
 footers against the memory available, see ``choose_mode``), the Loader reads it once, through merlin's
 own partition iterator, into host arrays (list columns padded, continuous columns float32) and replays
 merlin's chunking with numpy: the same part order, the same per-chunk ``DataFrame.sample`` draws
 (``RandomState(draw).choice(n, n, replace=False)``, which is what pandas computes), the same leftover
 carried to the next chunk and the same final partial batch. ``Model.fit`` / ``evaluate`` / ``predict``
 then feed it as a ``tf.data`` pipeline that gathers each batch's rows in graph mode
-(``Loader.tf_dataset``), with no per-batch Python. Larger-than-memory data, and data on a GPU
-(cudf), stream through merlin.dataloader. ``mode="memory" | "stream" | "auto"`` (or the environment
-variable ``PIPELINE_LOADER``) forces either; the choice is logged.
+(``Loader.tf_dataset``), with no per-batch Python. Larger-than-memory data on the CPU streams the same
+way one chunk at a time (``"stream"``): each chunk's partitions are read through merlin's partition
+iterator into host arrays when the pass reaches them, shuffled with the same draws and cut into the same
+batches, so only a chunk (plus the leftover) is held; measured at ML-25M size (issue 15, benchmarks/
+train_step.py) it delivers several times merlin.dataloader's rows/s, whose reader thread builds every
+batch's tensors in Python. Data on a GPU (cudf) streams through merlin.dataloader (``"merlin"``), which
+keeps it on the device. ``mode="memory" | "stream" | "merlin" | "auto"`` (or the environment variable
+``PIPELINE_LOADER``) forces one; the choice is logged.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ logger = logging.getLogger(__name__)
 PAD_ID = 0
 # Batches kept from the start of a pass: Keras' PyDataset adapter reads 2 to infer tensor specs.
 _HEAD = 2
-# How the Loader reads: "auto" (in memory when the split fits, else streamed), "memory" or "stream".
-MODES = ("auto", "memory", "stream")
+# How the Loader reads: "auto" (in memory when the split fits, else streamed), "memory", "stream" (host arrays
+# one chunk at a time) or "merlin" (merlin.dataloader's reader thread and tensors; the GPU's streaming path).
+MODES = ("auto", "memory", "stream", "merlin")
 MODE_ENV = "PIPELINE_LOADER"  # overrides "auto"; an explicit mode= argument overrides it
 # "auto" holds a split in memory when its arrays, with room for the read, take at most this share of
 # the memory available now (MemAvailable): other processes and the model keep the rest.
@@ -159,8 +165,9 @@ def parquet_uncompressed_bytes(dataset: Dataset, columns: Iterable[str]) -> int 
 def choose_mode(dataset: Dataset, mode: str | None, *, rows: int, row_bytes: int, columns: Iterable[str]) -> tuple[str, str]:
     """``("memory" | "stream", why)`` for a Loader over ``dataset``.
 
-    ``mode`` (else ``$PIPELINE_LOADER``, else ``"auto"``): "memory" and "stream" are obeyed; "auto" streams
-    data that merlin reads on a GPU, and otherwise holds the split in memory when its host arrays
+    ``mode`` (else ``$PIPELINE_LOADER``, else ``"auto"``): "memory", "stream" and "merlin" are obeyed; "auto"
+    streams data that merlin reads on a GPU through merlin.dataloader, and otherwise holds the split in memory
+    (else streams it chunk by chunk) when its host arrays
     (``rows * row_bytes``), twice over while they are built, plus the parquet data uncompressed (the
     read) take at most ``MEMORY_FRACTION`` of the memory available.
     """
@@ -173,7 +180,7 @@ def choose_mode(dataset: Dataset, mode: str | None, *, rows: int, row_bytes: int
     if mode != "auto":
         return mode, f"{source}{mode}"
     if not getattr(dataset, "cpu", True):
-        return "stream", "the data is on the GPU (cudf): merlin.dataloader streams it"
+        return "merlin", "the data is on the GPU (cudf): merlin.dataloader streams it"
     parquet = parquet_uncompressed_bytes(dataset, columns)
     if parquet is None:
         return "stream", "not a parquet dataset: its size is unknown"
@@ -203,9 +210,9 @@ class Loader(keras.utils.PyDataset):
         parts_per_chunk: partitions concatenated (and shuffled together) per chunk.
         first_epoch: the epoch number of the first pass (a resumed run continues the shuffles of
             an uninterrupted one).
-        mode: ``"memory"`` (read the split once into host arrays), ``"stream"`` (merlin.dataloader
-            reads parquet every pass) or ``"auto"``; default ``$PIPELINE_LOADER`` or ``"auto"``
-            (see ``choose_mode``). Both give the same batches.
+        mode: ``"memory"`` (read the split once into host arrays), ``"stream"`` (read each pass chunk by
+            chunk into host arrays), ``"merlin"`` (merlin.dataloader reads parquet every pass) or ``"auto"``;
+            default ``$PIPELINE_LOADER`` or ``"auto"`` (see ``choose_mode``). All give the same batches.
 
     Each item is ``(features, targets)`` (or ``features``): features maps a column name to a
     ``(batch, 1)`` tensor, or ``(batch, max_len)`` for list columns.
@@ -280,15 +287,22 @@ class Loader(keras.utils.PyDataset):
         row_bytes = 4 * sum(self.list_widths.get(n, 1) for n in [*self.feature_names, *self.target_names])
         self.mode, why = choose_mode(dataset, mode, rows=self.num_rows, row_bytes=row_bytes,
                                      columns=loader_schema.column_names)
-        logger.info("loader over %s (%s rows): %s (%s)", _paths(dataset), f"{self.num_rows:,}",
-                    "in memory" if self.in_memory else "streamed by merlin.dataloader", why)
+        logger.info("loader over %s (%s rows): %s (%s)", _paths(dataset), f"{self.num_rows:,}", {
+            "memory": "in memory", "stream": "streamed chunk by chunk", "merlin": "streamed by merlin.dataloader"
+        }[self.mode], why)
         self._merlin = None
-        self._rng = None  # this pass's generator (streaming), set by _restart
+        self._rng = None  # this pass's generator (merlin), set by _restart
         self._order = None  # this pass's row order (in memory), set by _restart
-        if self.in_memory:
+        self._batches = None  # this pass's batch iterator (stream), set by _restart
+        self._stream_spec = None  # tf_dataset()'s element spec (stream), from the first partition
+        if self.mode == "merlin":
+            self._start_merlin(dataset)
+        elif self.in_memory:
             self._read_arrays(dataset)
         else:
-            self._start_merlin(dataset)
+            self._dataset = dataset
+            self._partitions = np.arange(dataset.to_ddf().npartitions)
+            self._num_batches = self._count_batches()
         self._next_index = self._pulled = 0  # next batch index asked for / batches read in this pass
         self._head: list = []  # the first batches of this pass, kept for a replay
         self._tensors = None  # the arrays as TF tensors, made by the first tf_dataset()
@@ -338,12 +352,25 @@ class Loader(keras.utils.PyDataset):
     def _read_arrays(self, dataset: Dataset) -> None:
         """Read every partition once, through merlin's own partition iterator (so partitions are exactly
         the ones the streaming path reads), into one host array per column."""
-        ddf = dataset.to_ddf()
-        npart = ddf.npartitions
+        npart = dataset.to_ddf().npartitions
         self._partitions = np.arange(npart)
+        self._arrays, lengths = self._read_parts(dataset, list(range(npart)))
+        self._part_bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        if int(self._part_bounds[-1]) != self.num_rows:
+            raise DataError(f"read {int(self._part_bounds[-1])} rows from {_paths(dataset)}, its footers say {self.num_rows}")
+        self._num_batches = self._count_batches()
+
+    def _count_batches(self) -> int:
+        # every batch is whole but the last: the leftover of each chunk is carried into the next one
+        full, rest = divmod(self.num_rows, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def _read_parts(self, dataset: Dataset, parts: list[int]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """Partitions ``parts`` (in that order) as one host array per column, ``(rows, 1)`` or ``(rows, width)``
+        for list columns, and each partition's row count."""
         columns: dict[str, list] = {name: [] for name in [*self.feature_names, *self.target_names]}
         lengths = []
-        for frame in dataset.to_iter(columns=dataset.schema.column_names, indices=list(range(npart))):
+        for frame in dataset.to_iter(columns=dataset.schema.column_names, indices=list(parts)):
             if hasattr(frame, "to_pandas"):  # cudf (mode="memory" forced on a GPU): the arrays live on the host
                 frame = frame.to_pandas()
             lengths.append(len(frame))
@@ -357,12 +384,37 @@ class Loader(keras.utils.PyDataset):
                     columns[name].append(values.reshape(-1, 1))
             for name in self.target_names:
                 columns[name].append(frame[name].to_numpy().astype(np.float32).reshape(-1, 1))
-        self._arrays = {name: np.concatenate(parts) for name, parts in columns.items()}
-        self._part_bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        if int(self._part_bounds[-1]) != self.num_rows:
-            raise DataError(f"read {int(self._part_bounds[-1])} rows from {_paths(dataset)}, its footers say {self.num_rows}")
-        full, rest = divmod(self.num_rows, self.batch_size)
-        self._num_batches = full + (1 if rest and not self.drop_last else 0)
+        return {name: np.concatenate(arrays) for name, arrays in columns.items()}, lengths
+
+    def _stream_batches(self, epoch: int):
+        """One pass of ``epoch`` as batches of host arrays ``{column: array}`` (see ``_stream_chunks``)."""
+        for chunk in self._stream_chunks(epoch):
+            rows = len(next(iter(chunk.values())))
+            for i in range(0, rows, self.batch_size):
+                yield {name: array[i : i + self.batch_size] for name, array in chunk.items()}
+
+    def _stream_chunks(self, epoch: int):
+        """One pass of ``epoch``, reading one chunk of partitions at a time: each chunk's whole batches as host
+        arrays ``{column: array}`` (rows a multiple of the batch size), then the final partial batch. The
+        batches (and draws) of ``epoch_order``, which replays merlin's chunking."""
+        bs = self.batch_size
+        rng = np.random.default_rng([self.seed, int(epoch)]) if self.shuffle else None
+        parts = self._partitions[rng.permutation(len(self._partitions))] if self.shuffle else self._partitions
+        spill: dict[str, np.ndarray] | None = None
+        for start in range(0, len(parts), self.parts_per_chunk):
+            chunk, _ = self._read_parts(self._dataset, [int(p) for p in parts[start : start + self.parts_per_chunk]])
+            if spill is not None:
+                chunk = {name: np.concatenate([spill[name], array]) for name, array in chunk.items()}
+            rows = len(next(iter(chunk.values())))
+            if self.shuffle:  # pandas' DataFrame.sample(frac=1.0, random_state=draw) on the chunk
+                order = np.random.RandomState(int(rng.integers(2**32))).choice(rows, rows, replace=False)
+                chunk = {name: array[order] for name, array in chunk.items()}
+            cut = rows // bs * bs
+            if cut:
+                yield {name: array[:cut] for name, array in chunk.items()}
+            spill = {name: array[cut:] for name, array in chunk.items()}
+        if spill is not None and len(next(iter(spill.values()))) and not self.drop_last:
+            yield spill
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The row numbers (in partition order) of one pass, batch after batch: the order merlin's
@@ -398,15 +450,24 @@ class Loader(keras.utils.PyDataset):
             return features, columns[self.target_names[0]]
         return features, {name: columns[name] for name in self.target_names}
 
+    @property
+    def has_tf_dataset(self) -> bool:
+        """True when ``tf_dataset()`` can feed this loader (modes "memory" and "stream")."""
+        return self.mode in ("memory", "stream")
+
     def tf_dataset(self, epoch: Callable[[], int] | None = None) -> "tf.data.Dataset":
-        """The in-memory batches as a ``tf.data.Dataset`` (one pass per iterator): the pass's row order
-        comes from numpy once per iterator, each batch's rows are gathered in graph mode.
+        """The batches as a ``tf.data.Dataset`` (one pass per iterator). In memory, the pass's row order comes
+        from numpy once per iterator and each batch's rows are gathered in graph mode; streamed, each chunk's
+        arrays come from numpy (read when the pass reaches them, in tf.data's thread) and are sliced into
+        batches in graph mode.
 
         ``epoch()`` gives the epoch an iterator reads when it starts (default: the epoch the next pass of
         ``self[0]`` would read); ``Model.fit`` sets it from Keras' epoch number.
         """
-        if not self.in_memory:
-            raise ValueError("tf_dataset() needs the in-memory loader (mode='memory')")
+        if not self.has_tf_dataset:
+            raise ValueError("tf_dataset() needs the in-memory or streamed loader (mode='memory' or 'stream')")
+        if self.mode == "stream":
+            return self._stream_tf_dataset(epoch or self.next_epoch)
         if self._tensors is None:
             self._tensors = {name: tf.constant(array) for name, array in self._arrays.items()}
         tensors, bs, num_batches = self._tensors, self.batch_size, self._num_batches
@@ -423,6 +484,24 @@ class Loader(keras.utils.PyDataset):
 
         ds = tf.data.Dataset.from_generator(orders, output_signature=tf.TensorSpec([None], tf.int64))
         ds = ds.flat_map(batches).map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.apply(tf.data.experimental.assert_cardinality(num_batches)).prefetch(tf.data.AUTOTUNE)
+
+    def _stream_tf_dataset(self, epoch: Callable[[], int]) -> "tf.data.Dataset":
+        if self._stream_spec is None:  # dtypes and widths, from the first partition
+            first, _ = self._read_parts(self._dataset, [int(self._partitions[0])])
+            self._stream_spec = {name: tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype)) for name, a in first.items()}
+        bs, num_batches = self.batch_size, self._num_batches
+
+        def chunks():
+            yield from self._stream_chunks(epoch())
+
+        def batches(chunk):
+            rows = tf.shape(next(iter(chunk.values())), out_type=tf.int64)[0]
+            slices = tf.data.Dataset.range((rows + bs - 1) // bs)
+            return slices.map(lambda i: self._pack({name: a[i * bs : (i + 1) * bs] for name, a in chunk.items()}))
+
+        ds = tf.data.Dataset.from_generator(chunks, output_signature=self._stream_spec)
+        ds = ds.prefetch(1).flat_map(batches)  # the next chunk is read while this one's batches train
         return ds.apply(tf.data.experimental.assert_cardinality(num_batches)).prefetch(tf.data.AUTOTUNE)
 
     def next_epoch(self) -> int:
@@ -463,6 +542,8 @@ class Loader(keras.utils.PyDataset):
         else:
             if self.in_memory:
                 batch = self._gather_numpy(self._order[index * self.batch_size : (index + 1) * self.batch_size])
+            elif self.mode == "stream":
+                batch = self._pack({name: tf.convert_to_tensor(array) for name, array in next(self._batches).items()})
             else:
                 batch = self._format(self._merlin.__next__())
             self._pulled += 1
@@ -478,6 +559,8 @@ class Loader(keras.utils.PyDataset):
     def _restart(self) -> None:
         if self.in_memory:
             self._order = self.epoch_order(self._epoch)
+        elif self.mode == "stream":
+            self._batches = self._stream_batches(self._epoch)
         else:
             self._merlin.stop()  # joins the reader thread: nothing else uses self._rng now
             if self.shuffle:
@@ -513,7 +596,7 @@ class Loader(keras.utils.PyDataset):
         return features, {k: tf.reshape(tf.cast(labels[k], tf.float32), [-1, 1]) for k in self.target_names}
 
     def stop(self) -> None:
-        """Stop the background reader thread (streaming; nothing to stop in memory)."""
+        """Stop merlin.dataloader's background reader thread (nothing to stop in the other modes)."""
         if self._merlin is not None:
             self._merlin.stop()
 

@@ -1,4 +1,5 @@
-"""The Keras 3 Loader over merlin's dataloader, on the real ETL output (parquet + schema.pbtxt)."""
+"""The Keras 3 Loader (in memory, streamed chunk by chunk, or over merlin's dataloader) on the real ETL output
+(parquet + schema.pbtxt)."""
 
 from __future__ import annotations
 
@@ -197,13 +198,17 @@ def test_in_memory_and_streamed_give_the_same_batches_every_epoch(parts, parts_p
     kwargs = dict(shuffle=True, seed=11, targets=[], parts_per_chunk=parts_per_chunk, drop_last=drop_last)
     stream = Loader(parts, 256, mode="stream", **kwargs)
     memory = Loader(parts, 256, mode="memory", **kwargs)
-    assert (stream.mode, memory.mode) == ("stream", "memory") and len(stream) == len(memory)
+    merlin = Loader(parts, 256, mode="merlin", **kwargs)
+    assert (stream.mode, memory.mode, merlin.mode) == ("stream", "memory", "merlin")
+    assert len(stream) == len(memory) == len(merlin)
     for epoch in range(4):
         streamed = [stream[i] for i in range(len(stream))]
         in_memory = [memory[i] for i in range(len(memory))]
         assert_same_batches(streamed, in_memory)
-        # the tf.data pipeline Model.fit reads gives that epoch's batches too
+        assert_same_batches([merlin[i] for i in range(len(merlin))], in_memory)
+        # the tf.data pipelines Model.fit reads give that epoch's batches too
         assert_same_batches(streamed, list(memory.tf_dataset(lambda epoch=epoch: epoch)))
+        assert_same_batches(streamed, list(stream.tf_dataset(lambda epoch=epoch: epoch)))
         rows = [row for batch in in_memory for row in batch["row"].numpy()[:, 0]]
         if not drop_last:
             assert sorted(rows) == list(range(sum(PART_ROWS)))  # every row once
@@ -220,11 +225,15 @@ def test_in_memory_matches_streamed_on_the_etl_output_with_lists_and_two_targets
     train = Dataset(str(etl_dir / "train"), engine="parquet")
     stream = Loader(train, 768, shuffle=True, seed=2, mode="stream")
     memory = Loader(train, 768, shuffle=True, seed=2, mode="memory")
+    merlin = Loader(train, 768, shuffle=True, seed=2, mode="merlin")
     assert train.num_rows % 768 and "genres" in memory.list_widths
     for _ in range(2):
-        assert_same_batches([stream[i] for i in range(len(stream))], [memory[i] for i in range(len(memory))])
-    unshuffled = [Loader(train, 999, mode=m, targets=["rating_binary"]) for m in ("stream", "memory")]
-    assert_same_batches(*[[lo[i] for i in range(len(lo))] for lo in unshuffled])
+        in_memory = [memory[i] for i in range(len(memory))]
+        assert_same_batches([stream[i] for i in range(len(stream))], in_memory)
+        assert_same_batches([merlin[i] for i in range(len(merlin))], in_memory)
+    unshuffled = [Loader(train, 999, mode=m, targets=["rating_binary"]) for m in ("stream", "memory", "merlin")]
+    assert_same_batches(*[[lo[i] for i in range(len(lo))] for lo in unshuffled[:2]])
+    assert_same_batches(*[[lo[i] for i in range(len(lo))] for lo in unshuffled[1:]])
     assert_same_batches([unshuffled[0][i] for i in range(len(unshuffled[0]))], list(unshuffled[1].tf_dataset()))
 
 
@@ -234,6 +243,7 @@ def test_the_mode_comes_from_the_argument_else_the_environment_else_the_size(par
 
     monkeypatch.setenv("PIPELINE_LOADER", "stream")
     assert Loader(parts, 256, targets=[]).mode == "stream"
+    assert Loader(parts, 256, targets=[], mode="merlin").mode == "merlin"
     assert Loader(parts, 256, targets=[], mode="memory").mode == "memory"
     monkeypatch.setenv("PIPELINE_LOADER", "memory")
     assert Loader(parts, 256, targets=[]).mode == "memory"
@@ -247,7 +257,8 @@ def test_the_mode_comes_from_the_argument_else_the_environment_else_the_size(par
 
 
 def test_a_model_trains_to_the_same_weights_in_memory_and_streamed(etl_dir):
-    """Model.fit feeds an in-memory Loader as tf.data; the batches, and so the weights, are the streamed ones."""
+    """Model.fit feeds an in-memory or streamed Loader as tf.data, merlin's as a PyDataset; the batches, and so
+    the weights, are the same."""
     import keras
     from merlin.io import Dataset
 
@@ -256,7 +267,7 @@ def test_a_model_trains_to_the_same_weights_in_memory_and_streamed(etl_dir):
     train = Dataset(str(etl_dir / "train"), engine="parquet")
     valid = Dataset(str(etl_dir / "valid"), engine="parquet")
     results = {}
-    for mode in ("stream", "memory"):
+    for mode in ("stream", "memory", "merlin"):
         keras.utils.set_random_seed(0)
         model = mm.DLRMModel(train.schema, 8, prediction_tasks=mm.BinaryOutput("rating_binary"))
         model.compile("adam")
@@ -266,7 +277,8 @@ def test_a_model_trains_to_the_same_weights_in_memory_and_streamed(etl_dir):
         assert loader.next_epoch() == 3  # epochs 1 and 2 were read; the next pass is epoch 3
         scores = model.predict(model.make_loader(valid, 4096, include_targets=False, mode=mode), verbose=0)
         results[mode] = (history.history, [w.numpy() for w in model.weights], scores)
-    assert results["stream"][0] == results["memory"][0]
-    for a, b in zip(results["stream"][1], results["memory"][1]):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(results["stream"][2], results["memory"][2])
+    for mode in ("stream", "merlin"):
+        assert results[mode][0] == results["memory"][0]
+        for a, b in zip(results[mode][1], results["memory"][1]):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(results[mode][2], results["memory"][2])

@@ -237,13 +237,14 @@ class Model(keras.Model):
             validation_data=None, validation_batch_size=None, callbacks=None, initial_epoch=0, **kwargs):
         """Keras ``fit``; ``x`` may be a ``merlin.io.Dataset`` (streamed in ``batch_size`` batches,
         reshuffled every epoch from ``seed``) and so may ``validation_data``. An in-memory ``Loader``
-        (``loader.in_memory``) is fed as its ``tf_dataset``: the same batches, epoch for epoch."""
+        (or streamed chunk by chunk: ``loader.has_tf_dataset``) is fed as its ``tf_dataset``: the same batches,
+        epoch for epoch."""
         if isinstance(x, Dataset):
             x = self.make_loader(x, batch_size, shuffle=shuffle, seed=seed)
         if isinstance(validation_data, Dataset):
             validation_data = self.make_loader(validation_data, validation_batch_size or batch_size or 1024)
         callbacks = list(callbacks or [])
-        if isinstance(x, Loader) and x.in_memory:
+        if isinstance(x, Loader) and x.has_tf_dataset:
             pass_epochs = _LoaderEpochs(x, initial_epoch)
             x = x.tf_dataset(pass_epochs.epoch)
             callbacks.insert(0, pass_epochs)  # first: it sets the epoch before the epoch's iterator starts
@@ -322,7 +323,7 @@ def _tf_dataset_type():
 def _as_keras_input(x):
     """An in-memory ``Loader`` as its ``tf.data`` pipeline (each iterator reads the loader's next pass);
     anything else unchanged."""
-    if isinstance(x, Loader) and x.in_memory:
+    if isinstance(x, Loader) and x.has_tf_dataset:
         return x.tf_dataset()
     return x
 
