@@ -40,6 +40,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 import pipeline  # noqa: F401  (configures dask before nvtabular is imported)
 
@@ -78,14 +79,22 @@ def encode_side_table(
         out_path: where Categorify writes the vocabularies (``categories/unique.<column>.parquet``).
 
     Returns:
-        ``(encoded, schema)``: ``key`` and ``columns`` as int32 codes (lists of int32 for list columns),
-        in ``table``'s row order, and the Categorify output schema of ``columns``.
+        ``(encoded, schema)``: ``key`` and ``columns`` as int32 codes (list columns as arrow-backed
+        ``list<int32>``), in ``table``'s row order, and the Categorify output schema of ``columns``.
     """
     encode = columns >> ListValueCount() >> ops.Categorify(dtype="int32", out_path=str(out_path))
     workflow = nvt.Workflow(encode + [key])
     data = nvt.Dataset(table[[key, *columns]].reset_index(drop=True), cpu=True)
-    encoded = workflow.fit_transform(data).to_ddf().compute(scheduler="sync")
-    return encoded[[key, *columns]].reset_index(drop=True), workflow.output_schema.select_by_name(columns)
+    encoded = workflow.fit_transform(data).to_ddf().compute(scheduler="sync")[[key, *columns]].reset_index(drop=True)
+    schema = workflow.output_schema.select_by_name(columns)
+    for column in schema:
+        if column.is_list:
+            # Arrow-backed: the table travels inside every Dask task of the workflow, and a column of
+            # one numpy array per row pickles ~80x slower (2M ratings on 2 workers: fit 394 s vs 63 s).
+            # EncodedColumns turns the joined rows back into Categorify's object column of int32 arrays.
+            values = pa.array(list(encoded[column.name]), type=pa.list_(pa.int32()))
+            encoded[column.name] = pd.Series(values, dtype=pd.ArrowDtype(values.type))
+    return encoded, schema
 
 
 def movielens_workflow(

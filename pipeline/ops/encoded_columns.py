@@ -87,7 +87,7 @@ class EncodedColumns(StatOperator):
         for name in col_selector.names:
             column = self.schema[name]
             if column.is_list:
-                if df[name].isna().any():
+                if isinstance(df[name].dtype, pd.ArrowDtype) or df[name].isna().any():
                     df[name] = _fill_list(df[name])
             elif df[name].isna().any() or df[name].dtype != np.int32:
                 df[name] = df[name].fillna(OUT_OF_VOCABULARY).astype("int32")
@@ -105,9 +105,19 @@ class EncodedColumns(StatOperator):
 
 
 def _fill_list(series):
-    """A list column with each null replaced by ``[OUT_OF_VOCABULARY]``; pandas or cudf."""
-    host = series.to_pandas() if hasattr(series, "to_pandas") else series
+    """A list column as Categorify writes it (an object column of int32 arrays), each null as ``[OOV]``.
+
+    Accepts the arrow-backed ``list<int32>`` column of an encoded side table (``encode_side_table``), an
+    object column of arrays, or a cudf list column (nulls filled on the host).
+    """
     oov = np.array([OUT_OF_VOCABULARY], dtype=np.int32)
+    if isinstance(series.dtype, pd.ArrowDtype):
+        arrow = series.array.__arrow_array__()
+        values = arrow.to_numpy(zero_copy_only=False)  # one int32 array per row, None for a null
+        for row in np.flatnonzero(arrow.is_null().to_numpy(zero_copy_only=False)):
+            values[row] = oov
+        return pd.Series(values, index=series.index, name=series.name)
+    host = series.to_pandas() if hasattr(series, "to_pandas") else series
     filled = pd.Series([v if isinstance(v, (list, tuple, np.ndarray)) else oov for v in host],
                        index=host.index, name=host.name)
     return filled if host is series else type(series).from_pandas(filled)
