@@ -11,7 +11,10 @@ Cases, each a fresh ``python -m pipeline`` process run with ``nice -n 10``, one 
   ``dask scheduler`` and ``dask worker --nworkers 2 --nthreads 1 --memory-limit 4GB`` started as their
   own processes on 127.0.0.1 (what a user runs on real hosts);
 - ``train``: ``train --epochs 1`` on that size's ETL output, the loader left on ``auto`` (its log line
-  says whether it held the split in memory or streamed it through merlin.dataloader).
+  says whether it held the split in memory or streamed it).
+- ``train-stream``: the same with ``PIPELINE_LOADER=stream`` (the streaming path at every size, so the
+  streamed rate at 1M is measured too). The results state issue 15's training target: the largest size's
+  samples/s against the smallest size's, for both cases.
 
 Every process tree is sampled every 0.25 s from /proc (psutil): peak RSS of the client (the ``python -m
 pipeline`` process alone), of the whole client tree (with a local cluster's workers), of the scheduler,
@@ -48,7 +51,8 @@ SIZES = {
     "5m": dict(n_users=31_334, n_movies=14_793, n_ratings=5_000_000),
     "25m": dict(n_users=162_541, n_movies=59_047, n_ratings=25_000_095),
 }
-CASES = ("etl-inprocess", "etl-local", "etl-external", "train")
+CASES = ("etl-inprocess", "etl-local", "etl-external", "train", "train-stream")
+TRAIN_CASES = ("train", "train-stream")  # train-stream: PIPELINE_LOADER=stream (streamed at every size)
 WORKER_MEMORY = "4GB"
 N_WORKERS = 2
 RESULTS = REPO / "benchmarks" / "results" / "scale"
@@ -116,8 +120,8 @@ class TreeSampler:
 def run_monitored(command: list[str], log: Path, extra_roots: dict[str, int] | None = None,
                   env: dict | None = None) -> dict:
     """Run ``command`` (niced) to completion with its output in ``log``; wall seconds, peaks, loads."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP="300s", **(env or {}))
-    env.pop("PIPELINE_LOADER", None)
+    inherited = {k: v for k, v in os.environ.items() if k != "PIPELINE_LOADER"}  # only a case's own loader choice
+    env = dict(inherited, PYTHONPATH=str(REPO), DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP="300s", **(env or {}))
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(["nice", "-n", "10", *command], stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -178,24 +182,28 @@ def etl(case: str, size: str, raw: Path, work: Path) -> dict:
     return figures
 
 
-def train(size: str, work: Path) -> dict:
+def train(size: str, work: Path, stream: bool = False) -> dict:
+    """``train --epochs 1`` at ``size``: the loader on auto, or streamed by merlin.dataloader (``stream``)."""
     # the ETL output of the external cluster, else of the in-process run (the same rows: tests/test_cluster.py)
     data = next((d for d in (work / f"etl-{size}", work / f"etl-{size}-etl-inprocess") if (d / "etl.json").is_file()),
                 None)
     if data is None:
         raise RuntimeError(f"train at {size} needs an ETL output of that size (run etl-external or etl-inprocess)")
-    model = work / f"model-{size}"
+    suffix = "-stream" if stream else ""
+    model = work / f"model-{size}{suffix}"
     command = [sys.executable, "-m", "pipeline", "train", "--data", str(data), "--out", str(model), "--epochs", "1",
                "--overwrite"]
-    log = work / f"train-{size}.log"
-    figures = run_monitored(command, log)
+    log = work / f"train{suffix}-{size}.log"
+    figures = run_monitored(command, log, env={"PIPELINE_LOADER": "stream"} if stream else None)
+    prefix = "PIPELINE_LOADER=stream " if stream else ""
     if figures["exit"] != 0:
-        return dict(figures, command=" ".join(["python", *command[1:]]), rows=None, rows_per_s=None)
+        return dict(figures, command=prefix + " ".join(["python", *command[1:]]), rows=None, rows_per_s=None)
     metrics = json.loads((model / "metrics.json").read_text())
     epoch = metrics["epochs"][0]
     text = log.read_text()
-    choice = re.findall(r"loader over \S*train\S* \(([\d,]+) rows\): ([^(]+)\(([^)]*)\)", text)
-    figures.update(command=" ".join(["python", *command[1:]]), rows=int(metrics["train_rows"]), data=str(data),
+    # the first loader is the fit rows' (the train split, or its fit part when rows are held out for selection)
+    choice = re.findall(r"loader over \S+ \(([\d,]+) rows\): ([^(]+)\(([^)]*)\)", text)
+    figures.update(command=prefix + " ".join(["python", *command[1:]]), rows=int(metrics["train_rows"]), data=str(data),
                    fit_rows=metrics.get("fit_rows"), epoch_s=epoch["seconds"],
                    samples_per_s=epoch["samples_per_second"], rows_per_s=round(epoch["samples_per_second"]),
                    valid_auc=metrics["valid"].get("auc"),
@@ -222,18 +230,20 @@ def render(report: dict) -> str:
     for r in rows:
         peaks = r["peak_rss_mb"]
         workers = [v for k, v in peaks.items() if k.startswith("worker ")]
-        wall = r["epoch_s"] if r["case"] == "train" else r["wall_s"]
+        wall = r["epoch_s"] if r["case"] in TRAIN_CASES else r["wall_s"]
         lines.append(
             f"| {r['case']} | {r['ratings']:,} | {wall:,.1f} | {r['rows_per_s']:,} | {1e6 / r['rows_per_s']:.1f} | "
             f"{peaks.get('client', 0):,} | {peaks.get('client tree', 0):,} | {peaks.get('scheduler tree', '') or ''} | "
             f"{', '.join(f'{w:,}' for w in workers)} | {peaks.get('workers tree', '') or ''} | "
             f"{r['load_average']['min']}-{r['load_average']['max']} | {r['date'][:16]} |")
-    lines += ["", "train: `wall s` is epoch 1's training time (metrics.json), `rows/s` its samples/s over the fit rows; "
-              "the process's whole wall time is in scale.json.", ""]
+    lines += ["", "train, train-stream: `wall s` is epoch 1's training time (metrics.json), `rows/s` its samples/s over "
+              "the fit rows; the process's whole wall time is in scale.json. train-stream forces "
+              "`PIPELINE_LOADER=stream`.", ""]
     for r in rows:
-        if r["case"] == "train":
-            lines.append(f"- train {r['ratings']:,}: loader {r['loader']}; valid AUC {r['valid_auc']}; "
-                         f"process wall {r['wall_s']} s")
+        if r["case"] in TRAIN_CASES:
+            lines.append(f"- {r['case']} {r['ratings']:,}: loader {r['loader']}; valid AUC {r['valid_auc']}; "
+                         f"process wall {r['wall_s']} s; peak RSS {r['peak_rss_mb'].get('client', 0):,} MB")
+    lines += train_target_lines(rows)
     if failed:
         lines += ["", "Runs that failed (recorded as measured):", ""]
         for r in failed:
@@ -255,6 +265,28 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def train_target_lines(rows: list[dict]) -> list[str]:
+    """Issue 15's training target: the largest size's samples/s (streamed) against the smallest size's, per case."""
+    runs = {(r["case"], r["ratings"]): r for r in rows if r["case"] in TRAIN_CASES}
+    sizes = sorted({n for _, n in runs})
+    if len(sizes) < 2:
+        return []
+    small, large = sizes[0], sizes[-1]
+    big = runs.get(("train", large)) or runs.get(("train-stream", large))
+    if big is None:
+        return []
+    out = ["", f"Target (train at {large:,} >= 90 % of the samples/s at {small:,}, peak RSS <= 4 GB): "
+               f"{large:,} ran at {big['rows_per_s']:,} samples/s ({big['loader'].split(' (')[0]}), "
+               f"peak {big['peak_rss_mb'].get('client', 0):,} MB;"]
+    for case in TRAIN_CASES:
+        base = runs.get((case, small))
+        if base:
+            ratio = big["rows_per_s"] / base["rows_per_s"]
+            out.append(f"  {ratio:.0%} of {small:,} {case} ({base['rows_per_s']:,} samples/s, "
+                       f"{base['loader'].split(' (')[0]}): {'met' if ratio >= 0.9 else 'missed'}")
+    return out
+
+
 def growth_lines(rows: list[dict]) -> list[str]:
     """Per case, time per row at the largest size against the smallest, and the log-log slopes."""
     out = []
@@ -263,8 +295,8 @@ def growth_lines(rows: list[dict]) -> list[str]:
         if len(pts) < 2:
             continue
         (n0, a), (n1, b) = pts[0], pts[-1]
-        t0 = a["epoch_s"] if case == "train" else a["wall_s"]
-        t1 = b["epoch_s"] if case == "train" else b["wall_s"]
+        t0 = a["epoch_s"] if case in TRAIN_CASES else a["wall_s"]
+        t1 = b["epoch_s"] if case in TRAIN_CASES else b["wall_s"]
         slope_t = math.log(t1 / t0) / math.log(n1 / n0)
         key = "client" if case != "etl-external" else "workers tree"
         m0, m1 = a["peak_rss_mb"].get(key, 0), b["peak_rss_mb"].get(key, 0)
@@ -287,10 +319,10 @@ def plot(report: dict, path: Path) -> None:
         if not pts:
             continue
         n = [p[0] for p in pts]
-        t = [p[1]["epoch_s"] if case == "train" else p[1]["wall_s"] for p in pts]
+        t = [p[1]["epoch_s"] if case in TRAIN_CASES else p[1]["wall_s"] for p in pts]
         key = "workers tree" if case == "etl-external" else "client tree"
         m = [p[1]["peak_rss_mb"].get(key, 0) for p in pts]
-        ax_t.plot(n, t, "o-", label=case + (" (epoch 1)" if case == "train" else ""))
+        ax_t.plot(n, t, "o-", label=case + (" (epoch 1)" if case in TRAIN_CASES else ""))
         ax_m.plot(n, m, "o-", label=f"{case} ({'sum of the 2 workers' if case == 'etl-external' else 'process tree'})")
         if case == "etl-external":
             c = [p[1]["peak_rss_mb"].get("client", 0) for p in pts]
@@ -334,7 +366,8 @@ def main() -> None:
                 report["generate"][size] = dict(generated, date=datetime.now(timezone.utc).isoformat())
             for case in args.cases:
                 print(f"{size} {case} ...", flush=True)
-                figures = train(size, args.work) if case == "train" else etl(case, size, raw, args.work)
+                figures = (train(size, args.work, stream=case == "train-stream") if case in TRAIN_CASES
+                           else etl(case, size, raw, args.work))
                 figures.update(case=case, size=size, ratings=SIZES[size]["n_ratings"],
                                date=datetime.now(timezone.utc).isoformat())
                 report["runs"][f"{case} {size}"] = figures
