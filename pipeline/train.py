@@ -92,6 +92,14 @@ class TrainConfig:
     # rise; on the tuning splits (selection rows, best epoch): real ML-100K ub seed 44 0.7988 vs 0.7641, synthetic
     # ML-100K seed 44 0.7784 vs 0.7465 (benchmarks/results/quality_trials.md, session 5).
     patience: int = setting(5, "epochs without a better selection AUC before stopping")
+    # plateau_tolerance: a run whose selection AUC is still within this of its best after --patience epochs is
+    # most likely on the plateau before the user x movie interaction sets in, where it creeps (real ML-100K ub
+    # seed 44: 0.7641 at epoch 3, 0.7752 at 18, new bests up to 5 epochs apart, then 0.7988 at 26), and goes on,
+    # up to PATIENCE_CAP x --patience epochs; past a peak it usually falls faster (ML-100K: 0.002-0.01 in 5
+    # epochs), so those runs stop as with --patience alone. Slow declines (ML-1M: 0.001-0.0015) run longer.
+    plateau_tolerance: float = setting(0.001, "after --patience epochs without a better selection AUC, go on while "
+                                              "the last one is within this of the best (a plateau, not a decline), "
+                                              "up to 3x --patience epochs (0: stop at --patience)")
     # ema_epochs: the weights that are scored, checkpointed and published are an exponential moving average of
     # the trained ones over about this many epochs of steps. It averages out the noise of single batches, as a
     # decaying learning rate would, without slowing the learning (a lower rate, e.g. --lr-schedule plateau,
@@ -140,6 +148,8 @@ class TrainConfig:
             raise UsageError("early stopping needs selection rows: --select-fraction > 0, or --no-early-stopping")
         if self.patience < 1:
             raise UsageError(f"--patience must be at least 1, got {self.patience}")
+        if not (math.isfinite(self.plateau_tolerance) and self.plateau_tolerance >= 0):
+            raise UsageError(f"--plateau-tolerance must be a finite number >= 0, got {self.plateau_tolerance}")
         if not (math.isfinite(self.ema_epochs) and self.ema_epochs >= 0):
             raise UsageError(f"--ema-epochs must be a finite number >= 0, got {self.ema_epochs}")
 
@@ -417,11 +427,20 @@ def best_epoch(history: list[dict], monitor: str) -> int | None:
     return max(scored, key=lambda s: (sign * s[0], -s[1]))[1]
 
 
-def should_stop(history: list[dict], monitor: str, patience: int) -> bool:
+PATIENCE_CAP = 3  # a run on a plateau (see should_stop's tolerance) stops this many times --patience after its best
+
+
+def should_stop(history: list[dict], monitor: str, patience: int, tolerance: float = 0.0) -> bool:
     """Early stopping from the history alone (so a resumed run stops where an uninterrupted one would):
-    ``patience`` epochs in a row without a new best on the selection rows."""
+    ``patience`` epochs in a row without a new best on the selection rows, and, with ``tolerance`` > 0, the
+    last epoch's ``monitor`` more than ``tolerance`` from the best (a decline, not a plateau) or
+    ``PATIENCE_CAP * patience`` epochs without a new best."""
     best = best_epoch(history, monitor)
-    return best is not None and len(history) - best >= patience
+    if best is None or len(history) - best < patience:
+        return False
+    if not tolerance or len(history) - best >= PATIENCE_CAP * patience:
+        return True
+    return abs(history[best - 1]["select"][monitor] - history[-1]["select"][monitor]) > tolerance
 
 
 def plateau_learning_rate(history: list[dict], monitor: str, learning_rate: float) -> float:
@@ -439,7 +458,8 @@ def plateau_learning_rate(history: list[dict], monitor: str, learning_rate: floa
 
 
 def _epoch_callbacks(train_rows: int, work: Path, history: list[dict], targets: list[str], *,
-                     monitor: str | None, patience: int | None, trace=None, plateau_rate=None):
+                     monitor: str | None, patience: int | None, tolerance: float = 0.0, trace=None,
+                     plateau_rate=None):
     import keras
 
     class EpochRecorder(keras.callbacks.Callback):
@@ -480,7 +500,7 @@ def _epoch_callbacks(train_rows: int, work: Path, history: list[dict], targets: 
             history.append(record)
             best = best_epoch(history, monitor) if monitor else None
             save_checkpoint(self.model, work / CHECKPOINTS, history, keep=1, also_keep=best)
-            if monitor and patience and should_stop(history, monitor, patience):
+            if monitor and patience and should_stop(history, monitor, patience, tolerance):
                 logger.info("early stop after epoch %d: no better %s on the selection rows since epoch %d",
                             epoch + 1, monitor, best)
                 self.model.stop_training = True
@@ -549,8 +569,9 @@ def train_model(
 
     Model selection never reads the valid split: a seeded ``select_fraction`` of the training rows (at most
     ``SELECT_MAX_ROWS``) is held out of fitting, scored after every epoch, and picks the epoch that is
-    published (``early_stopping``: stop after ``patience`` epochs without a better selection AUC, then
-    restore the best epoch's weights; ``epochs`` is the cap). The valid split is scored once, at the end
+    published (``early_stopping``: stop after ``patience`` epochs without a better selection AUC, or later
+    while the AUC stays within ``plateau_tolerance`` of the best (``should_stop``), then restore the best
+    epoch's weights; ``epochs`` is the cap). The valid split is scored once, at the end
     (``trace_valid`` also scores it after every epoch, for diagnostics; nothing reads it).
 
     Returns the metrics written to ``out_dir``/metrics.json. Deterministic for a given ``seed``
@@ -685,12 +706,13 @@ def train_model(
     callbacks += [_epoch_callbacks(fit_rows, work, history, net.target_names,
                                   monitor=monitor if select_loader is not None else None,
                                   patience=patience if early_stopping else None,
+                                  tolerance=config.plateau_tolerance,
                                   trace=valid_loader if trace_valid else None,
                                   plateau_rate=(lambda h: plateau_learning_rate(h, monitor, learning_rate))
                                   if lr_schedule == "plateau" and select_loader is not None else None)]
     started = time.perf_counter()
     try:
-        stopped = early_stopping and should_stop(history, monitor, patience)
+        stopped = early_stopping and should_stop(history, monitor, patience, config.plateau_tolerance)
         if stopped:
             logger.info("the checkpoint's run had stopped early (epoch %d): nothing to fit", len(history))
         if initial_epoch < epochs and not stopped:
@@ -732,7 +754,8 @@ def train_model(
         # which rows picked the published model, and which rows its "valid" figures come from
         "model_selection": (
             {**selection, "monitor": f"select {monitor}", "epoch": chosen,
-             "early_stopping": early_stopping, "patience": patience if early_stopping else None}
+             "early_stopping": early_stopping, "patience": patience if early_stopping else None,
+             "plateau_tolerance": config.plateau_tolerance if early_stopping else None}
             if selection is not None else
             {"rows": None, "epoch": chosen, "rule": f"the last epoch ({chosen}); no rows held out"}
         ),

@@ -104,6 +104,9 @@ REFUSED = {
         ["train", "--data", "{ws}/etl", "--out", "{ws}/model", "--weight-decay", "-1"], "--weight-decay must be"),
     "train with no patience": (
         ["train", "--data", "{ws}/etl", "--out", "{ws}/model", "--patience", "0"], "--patience must be at least 1, got 0"),
+    "train with a negative plateau tolerance": (
+        ["train", "--data", "{ws}/etl", "--out", "{ws}/model", "--plateau-tolerance", "-0.1"],
+        "--plateau-tolerance must be a finite number >= 0, got -0.1"),
     "train with a NaN embedding penalty": (
         ["train", "--data", "{ws}/etl", "--out", "{ws}/model", "--embeddings-l2", "nan"],
         "--embeddings-l2 must be a finite number >= 0, got nan"),

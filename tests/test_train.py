@@ -60,9 +60,14 @@ def test_model_dir_holds_model_export_metrics_schema_and_config(model_dir, etl_d
     best = metrics["best_epoch"]
     assert selection["epoch"] == best and metrics["epochs"][best - 1]["select"]["auc"] == max(
         e["select"]["auc"] for e in metrics["epochs"])
-    # early stopping: the run ends `patience` epochs after the best one, or at the cap
-    cap = json.loads((model_dir / "config.json").read_text())["epochs"]
-    assert n_epochs - best == config_patience(model_dir) or n_epochs == cap
+    # early stopping: the run ends at the first epoch the rule says so (should_stop), or at the cap
+    from pipeline.train import should_stop
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    stop = [should_stop(metrics["epochs"][:n], "auc", cfg["patience"], cfg["plateau_tolerance"])
+            for n in range(1, n_epochs + 1)]
+    assert (stop[-1] or n_epochs == cfg["epochs"]) and not any(stop[:-1])
+    assert selection["patience"] == cfg["patience"] and selection["plateau_tolerance"] == cfg["plateau_tolerance"]
     assert metrics["scored"] == {"split": "valid", "path": str((etl_dir / "valid").resolve()),
                                  "rows": metrics["valid_rows"],
                                  "read_by_model_selection": False}
@@ -74,8 +79,25 @@ def test_model_dir_holds_model_export_metrics_schema_and_config(model_dir, etl_d
     assert (model_dir / "schema.pbtxt").read_text() == (etl_dir / "train" / "schema.pbtxt").read_text()
 
 
-def config_patience(model_dir: Path) -> int:
-    return json.loads((model_dir / "config.json").read_text())["patience"]
+def _history(values: list[float], monitor: str = "auc") -> list[dict]:
+    return [{"epoch": i, "select": {monitor: v}} for i, v in enumerate(values, 1)]
+
+
+def test_early_stopping_goes_on_along_a_plateau_and_stops_on_a_decline():
+    """``patience`` epochs without a new best stop a run whose AUC has fallen more than ``tolerance`` below its
+    best; one still within ``tolerance`` (a plateau) goes on, up to PATIENCE_CAP x patience epochs."""
+    from pipeline.train import PATIENCE_CAP, should_stop
+
+    declining = _history([0.70, 0.75, 0.76, 0.755, 0.752, 0.750, 0.748, 0.745])  # best at 3, 5 epochs after: 8
+    assert not should_stop(declining[:7], "auc", 5, 0.001) and should_stop(declining, "auc", 5, 0.001)
+    plateau = [0.70, 0.75, 0.76] + [0.7595] * (5 * PATIENCE_CAP - 1)
+    assert should_stop(_history(plateau), "auc", 5, 0.0)  # no tolerance: patience alone
+    assert not should_stop(_history(plateau), "auc", 5, 0.001)
+    assert should_stop(_history(plateau + [0.7595]), "auc", 5, 0.001)  # the cap
+    # a plateau that rises again: the new best restarts the count
+    assert not should_stop(_history(plateau + [0.7601, 0.7600]), "auc", 5, 0.0)
+    losses = _history([0.60, 0.50, 0.52, 0.53, 0.54, 0.55, 0.56], "loss")  # a loss: the lowest is best
+    assert should_stop(losses, "loss", 5, 0.001) and not should_stop(losses[:-1], "loss", 5, 0.001)
 
 
 def test_published_model_is_the_best_epoch_on_the_selection_rows(model_dir, etl_dir):
