@@ -6,6 +6,7 @@ Every layer is registered for Keras saving (package ``pipeline``), so a model sa
 ``pipeline.models.load_model``).
 """
 
+import pipeline.optimizers  # noqa: F401  (registers RowSparseAdamW: a saved model's compile config names it)
 from pipeline.models.aggregations import ConcatFeatures, CosineSimilarity, ElementwiseSum, StackFeatures
 from pipeline.models.core import Block, Filter, Identity, ParallelBlock, ResidualBlock, SequentialBlock
 from pipeline.models.dcn import DCNModel
