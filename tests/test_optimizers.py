@@ -1,4 +1,4 @@
-"""pipeline/optimizers.py (RowSparseAdamW, RowSync) and pipeline/models/embedding.py (InPlaceEmbedding) on tiny
+"""pipeline/optimizers.py (RowSparseAdamW, RowSync) and pipeline/models/embedding.py (Embedding) on tiny
 real Keras models: dense AdamW's exact result where every row moves or none does, lazy rows against a numpy
 reference, saving and resuming, determinism."""
 
@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import pipeline  # noqa: F401
-from pipeline.models.embedding import InPlaceEmbedding
+from pipeline.models.embedding import Embedding
 from pipeline.optimizers import RowSparseAdamW, RowSync
 
 LR, WD, MU = 0.05, 0.5, 0.9
@@ -19,7 +19,7 @@ LR, WD, MU = 0.05, 0.5, 0.9
 def _model(seed: int = 1):
     keras.utils.set_random_seed(seed)
     ids = keras.Input((4,), dtype="int32")
-    table = InPlaceEmbedding(6, 3, name="table")
+    table = Embedding(6, 3, name="table")
     model = keras.Model(ids, keras.layers.Dense(1)(keras.ops.sum(table(ids), axis=1)))
     return model, table
 
@@ -34,7 +34,7 @@ def _fit(optimizer, batches, seed: int = 1, epochs: int = 1):
 
 
 def test_in_place_embedding_matches_keras_lookup_and_gives_row_gradients():
-    layer = InPlaceEmbedding(10, 4)
+    layer = Embedding(10, 4)
     ids = tf.constant([[1, 3], [3, 9]])
     plain = keras.layers.Embedding(10, 4)
     plain.build((None, 2))
@@ -46,7 +46,31 @@ def test_in_place_embedding_matches_keras_lookup_and_gives_row_gradients():
     grad = tape.gradient(loss, layer.trainable_variables)[0]
     assert isinstance(grad, tf.IndexedSlices)  # only the gathered rows
     again = keras.layers.deserialize(keras.layers.serialize(layer))
-    assert isinstance(again, InPlaceEmbedding) and again.get_config() == layer.get_config()
+    assert isinstance(again, Embedding) and again.get_config() == layer.get_config()
+
+
+class _Tables(keras.Model):
+    """Two embedding tables in a dict, as EmbeddingFeatures holds them."""
+
+    def __init__(self, table_class):
+        super().__init__()
+        self.tables = {"userId": table_class(7, 3), "movieId": table_class(5, 3)}
+
+    def call(self, ids):
+        return self.tables["userId"](ids) + self.tables["movieId"](ids)
+
+
+def test_weights_saved_with_keras_embedding_tables_load_into_ours(tmp_path):
+    # every model saved before pipeline.models.Embedding has keras.layers.Embedding tables
+    ids = tf.constant([[0, 4]])
+    old = _Tables(keras.layers.Embedding)
+    old(ids)
+    old.save_weights(tmp_path / "old.weights.h5")
+    new = _Tables(Embedding)
+    new(ids)
+    new.load_weights(tmp_path / "old.weights.h5")
+    for name in ("userId", "movieId"):
+        np.testing.assert_array_equal(new.tables[name].embeddings.numpy(), old.tables[name].embeddings.numpy())
 
 
 def test_every_row_every_step_or_never_is_exactly_dense_adamw_with_average():

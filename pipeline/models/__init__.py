@@ -12,7 +12,7 @@ from pipeline.models.core import Block, Filter, Identity, ParallelBlock, Residua
 from pipeline.models.dcn import DCNModel
 from pipeline.models.deepfm import DeepFMModel
 from pipeline.models.dlrm import DLRMModel
-from pipeline.models.embedding import InPlaceEmbedding
+from pipeline.models.embedding import Embedding
 from pipeline.models.features import (
     ContinuousFeatures,
     EmbeddingFeatures,
@@ -55,7 +55,7 @@ def load_model(path):
 __all__ = [
     "AsDenseFeatures", "BinaryOutput", "Block", "CategoricalOutput", "ConcatFeatures", "ContinuousFeatures",
     "CosineSimilarity", "CrossBlock", "DCNModel", "DLRMModel", "DeepFMModel", "DotProductInteractionBlock",
-    "ElementwiseSum", "EmbeddingFeatures", "FMBlock", "Filter", "Identity", "InPlaceEmbedding", "InputBlock", "L2Norm",
+    "ElementwiseSum", "EmbeddingFeatures", "FMBlock", "Filter", "Identity", "Embedding", "InputBlock", "L2Norm",
     "LogitsTemperatureScaler", "MLPBlock", "MLPModel", "Model", "OutputBlock", "ParallelBlock", "RegressionOutput",
     "ResidualBlock", "SequenceEmbeddingFeatures", "SequentialBlock", "StackFeatures", "ToDense", "WideAndDeepModel",
     "WideBlock", "heads_from", "load_model", "outputs_from_schema", "sample_batch",

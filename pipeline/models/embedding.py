@@ -5,6 +5,10 @@
 variable in copy-on-read mode and every such read copies the whole table. ``pipeline.optimizers.RowSparseAdamW``
 updates tables with sparse scatters, so with Keras' layer each step would copy every table (at ML-25M size
 324k rows x 16, ~4 ms per large table per step on 2 cores, against ~0.3 ms for an in-place gather).
+
+The class is named ``Embedding`` on purpose: Keras saves the layers of a container under their snake-cased
+class name (``embedding``, ``embedding_1``, ...), so this name keeps the weights files of models saved with
+``keras.layers.Embedding`` tables (every model before this layer) loadable.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pipeline.models.core import register
 
 
 @register
-class InPlaceEmbedding(keras.layers.Embedding):
+class Embedding(keras.layers.Embedding):
     """``keras.layers.Embedding`` (same arguments, weights and config) whose lookup is an in-place gather of
     the table's rows (``tf.Variable.sparse_read``) on the TensorFlow backend: ``ids (...)`` -> ``(..., dim)``.
     Other backends, LoRA and quantized tables take Keras' own lookup.
@@ -27,7 +31,7 @@ class InPlaceEmbedding(keras.layers.Embedding):
         **kwargs: any other ``keras.layers.Embedding`` argument (initializer, name, ...).
 
     Example:
-        >>> layer = InPlaceEmbedding(10, 4)
+        >>> layer = Embedding(10, 4)
         >>> tuple(layer(ops.convert_to_tensor([[1], [2]])).shape)
         (2, 1, 4)
     """

@@ -15,7 +15,7 @@ from merlin.schema import Schema, Tags
 
 from pipeline.errors import DataError
 from pipeline.models.core import Block, ParallelBlock, register
-from pipeline.models.embedding import InPlaceEmbedding
+from pipeline.models.embedding import Embedding
 
 COMBINERS = ("mean", "sum")
 EMBEDDING_INIT_STDDEV = 0.05  # of every embedding table (read when a table is built)
@@ -52,10 +52,10 @@ def table_spec(col, embedding_dim: int | None, embedding_dims: Mapping[str, int]
 
 
 def embedding_tables(tables: Mapping[str, Mapping]) -> dict:
-    """One ``InPlaceEmbedding`` (a ``keras.layers.Embedding``) per ``{name: {"cardinality", "dim"}}``, initialised N(0, EMBEDDING_INIT_STDDEV)
+    """One ``Embedding`` (a ``keras.layers.Embedding``) per ``{name: {"cardinality", "dim"}}``, initialised N(0, EMBEDDING_INIT_STDDEV)
     truncated at two standard deviations."""
     return {
-        name: InPlaceEmbedding(  # keras.layers.Embedding with an in-place row gather
+        name: Embedding(  # keras.layers.Embedding with an in-place row gather
             int(spec["cardinality"]),
             int(spec["dim"]),
             embeddings_initializer=keras.initializers.TruncatedNormal(stddev=EMBEDDING_INIT_STDDEV),
