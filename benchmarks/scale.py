@@ -244,6 +244,7 @@ def render(report: dict) -> str:
             lines.append(f"- {r['case']} {r['ratings']:,}: loader {r['loader']}; valid AUC {r['valid_auc']}; "
                          f"process wall {r['wall_s']} s; peak RSS {r['peak_rss_mb'].get('client', 0):,} MB")
     lines += train_target_lines(rows)
+    lines += etl_target_lines(rows)
     if failed:
         lines += ["", "Runs that failed (recorded as measured):", ""]
         for r in failed:
@@ -285,6 +286,26 @@ def train_target_lines(rows: list[dict]) -> list[str]:
             out.append(f"  {ratio:.0%} of {small:,} {case} ({base['rows_per_s']:,} samples/s, "
                        f"{base['loader'].split(' (')[0]}): {'met' if ratio >= 0.9 else 'missed'}")
     return out
+
+
+def etl_target_lines(rows: list[dict]) -> list[str]:
+    """Issue 15's ETL targets: the largest size through the external 2-worker cluster in <= 8 min, no worker
+    above its limit, and its time per row within 1.5x of the smallest size's (same case)."""
+    runs = {r["ratings"]: r for r in rows if r["case"] == "etl-external"}
+    if len(runs) < 2:
+        return []
+    small, large = runs[min(runs)], runs[max(runs)]
+    limit_mb = int(WORKER_MEMORY.rstrip("GB")) * 1000  # dask's "4GB" is 4e9 bytes
+    peak = max(v for k, v in large["peak_rss_mb"].items() if k.startswith("worker "))
+    per_row = (large["wall_s"] / large["ratings"]) / (small["wall_s"] / small["ratings"])
+    load = lambda r: f"load {r['load_average']['min']}-{r['load_average']['max']}"  # noqa: E731
+    return ["", f"ETL targets (etl-external, {N_WORKERS} workers of {WORKER_MEMORY}):",
+            f"- {large['ratings']:,} ratings in {large['wall_s']:,.0f} s ({load(large)}) against 480 s: "
+            f"{'met' if large['wall_s'] <= 480 else 'missed by ' + format(large['wall_s'] - 480, ',.0f') + ' s'}",
+            f"- largest worker peak {peak:,} MB against {limit_mb:,} MB, restarts for memory "
+            f"{large.get('workers_restarted_for_memory', '-')}: {'met' if peak <= limit_mb else 'missed'}",
+            f"- time per row {per_row:.2f}x that at {small['ratings']:,} ({small['wall_s']:,.1f} s, {load(small)}) "
+            f"against 1.5x: {'met' if per_row <= 1.5 else 'missed'}"]
 
 
 def growth_lines(rows: list[dict]) -> list[str]:
