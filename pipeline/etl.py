@@ -325,7 +325,13 @@ def _cluster_failures(out: Path, cluster: str | None):
 
     try:
         yield
-    except (KilledWorker, CommClosedError, FutureCancelledError) as err:
+    except Exception as err:
+        lost = isinstance(err, (KilledWorker, CommClosedError, FutureCancelledError)) or (
+            # distributed re-raises a scheduler-side error it cannot rebuild as a bare Exception; seen when a
+            # worker holding scattered partitions dies mid-fit: "AssertionError(<TaskState '...' processing>)"
+            type(err) is Exception and "TaskState" in str(err))
+        if not lost:
+            raise
         raise DeviceError(
             f"the Dask cluster ({cluster}) lost a worker or its connection during the ETL "
             f"({type(err).__name__}: {str(err)[:200]}); {out} was left as it was: re-run when the cluster is healthy"
