@@ -28,6 +28,8 @@ from merlin.dag.operator import Operator
 from merlin.dag.ops.stat_operator import StatOperator
 from merlin.schema import Schema
 
+from pipeline.ops.fill_unknown import fill_list_nulls
+
 # Categorify's reserved indices: 0 padding, 1 null, 2 out-of-vocabulary (nvtabular >= 23.08).
 OUT_OF_VOCABULARY = 2
 
@@ -117,7 +119,4 @@ def _fill_list(series):
         for row in np.flatnonzero(arrow.is_null().to_numpy(zero_copy_only=False)):
             values[row] = oov
         return pd.Series(values, index=series.index, name=series.name)
-    host = series.to_pandas() if hasattr(series, "to_pandas") else series
-    filled = pd.Series([v if isinstance(v, (list, tuple, np.ndarray)) else oov for v in host],
-                       index=host.index, name=host.name)
-    return filled if host is series else type(series).from_pandas(filled)
+    return fill_list_nulls(series, oov)

@@ -79,11 +79,17 @@ def _fill(series, dtype: str, is_list: bool):
     """``series`` with its nulls replaced by the sentinel for ``dtype``; pandas or cudf."""
     if not is_list:
         return series.fillna(_sentinel(dtype)).astype(dtype)
-    # List columns: neither pandas nor cudf fill a null with a list value, so rebuild on the host.
     # Only requests with unseen movies reach this line (training rows have no nulls).
+    return fill_list_nulls(series, [_sentinel(dtype)])  # a list column's schema dtype is its element dtype
+
+
+def fill_list_nulls(series, value):
+    """``series``, a list column (pandas or cudf), with each null (any entry that is not a list) set to ``value``.
+
+    Neither pandas nor cudf fill a null with a list value, so the column is rebuilt on the host.
+    """
     host = series.to_pandas() if hasattr(series, "to_pandas") else series
-    element = _sentinel(dtype)  # a list column's schema dtype is its element dtype
-    filled = pd.Series([v if _is_list_value(v) else [element] for v in host], index=host.index, name=host.name)
+    filled = pd.Series([v if _is_list_value(v) else value for v in host], index=host.index, name=host.name)
     return filled if host is series else type(series).from_pandas(filled)
 
 
