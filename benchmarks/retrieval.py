@@ -10,6 +10,12 @@ Datasets (each built under --work if missing: raw data, ETL, DLRM, two-tower):
   (``--catalog-users``, ``--catalog-ratings``; the catalog size is what the two-stage latency depends on);
 - ``ml-100k``: real MovieLens 100K (random 80/20 split, seed 0), when data/raw/ml-100k is present.
 
+``--selection-by-taste L`` generates the synthetic datasets with the generator's ``selection_by_taste`` (how much
+the planted taste decides which movies a user rates; default 0, popularity alone): their results are kept under
+``<dataset> (selection_by_taste L)`` beside the default data's. ``--calibrate-selection L1 L2 ...`` measures, in
+seconds and without models, popularity, item-kNN and the oracle at ML-100K's size for each value against real
+ML-100K (``selection_calibration``), the measurement the value is chosen by.
+
 Per dataset: the DLRM is trained with the train stage's defaults (early stopping) under an epoch cap
 (``--dlrm-epochs``), the two-tower with ``pipeline.retrieval.TwoTowerConfig``'s defaults (early stopping and
 the popularity prior's weight on held-out training positives) except ``TWO_TOWER``'s per-dataset caps; metrics come from
@@ -53,6 +59,13 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message} (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
 
 
+def label(name: str, selection_by_taste: float) -> str:
+    """The results key of dataset ``name`` generated with ``selection_by_taste`` (the name alone at 0 or real data)."""
+    if name == "ml-100k" or not selection_by_taste:
+        return name
+    return f"{name} (selection_by_taste {selection_by_taste:g})"
+
+
 def build(name: str, work: Path, args) -> tuple[Path, Path, Path, dict]:
     """``(etl_dir, dlrm_dir, two_tower_dir, sizes)`` of dataset ``name``, built under ``work`` where missing."""
     import pipeline  # noqa: F401
@@ -60,7 +73,8 @@ def build(name: str, work: Path, args) -> tuple[Path, Path, Path, dict]:
     from pipeline.retrieval import TwoTowerConfig, fit_two_tower
     from pipeline.train import train_model
 
-    base = work / name
+    taste = args.selection_by_taste if name != "ml-100k" else 0.0
+    base = work / (name if not taste else f"{name}-taste{taste:g}")
     etl, dlrm, tt = base / "etl", base / "dlrm", base / "two_tower"
     timings = {}
     if not (etl / "workflow").is_dir():
@@ -74,7 +88,7 @@ def build(name: str, work: Path, args) -> tuple[Path, Path, Path, dict]:
             raw, variant = base / "raw", "ml-1m"
             if not (raw / "ratings.dat").is_file():
                 log(f"{name}: generating {sizes}")
-                generate_synthetic(raw, fmt="ml-1m", seed=0, **sizes)
+                generate_synthetic(raw, fmt="ml-1m", seed=0, selection_by_taste=taste, **sizes)
         log(f"{name}: ETL")
         started = time.perf_counter()
         run_etl(variant, etl, raw=raw, seed=0)
@@ -187,7 +201,8 @@ def run(name: str, work: Path, args, previous: dict | None = None) -> dict:
     finally:
         process.terminate()
         process.wait(timeout=60)
-    return {"dataset": name, "command": "python benchmarks/retrieval.py " + " ".join(sys.argv[1:]),
+    return {"dataset": name, "selection_by_taste": args.selection_by_taste if name != "ml-100k" else None,
+            "command": "python benchmarks/retrieval.py " + " ".join(sys.argv[1:]),
             "sizes": sizes, "ranking": report, "latency": timing,
             "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -222,6 +237,27 @@ def meta_users(etl: Path) -> list[int]:
     return [int(line.split(b"|", 1)[0]) for line in (raw / "u.user").read_bytes().splitlines() if line]
 
 
+def rated_probability(log_weight: np.ndarray, pool: np.ndarray, remaining: int) -> np.ndarray:
+    """P(movie j is among a user's other rated movies) (n_movies,), given that the generator drew the user's movies
+    without replacement with weights ``exp(log_weight)`` (n_movies,) (Gumbel top-k), ``pool`` (n_movies,) bool the
+    movies not known to be rated (0 where False) and ``remaining`` movies of the pool rated.
+
+    As exponential races, given the known movies the others are in the rated set about independently with
+    ``1 - exp(-w_j * lam)``, ``lam`` such that these sum to ``remaining`` (for the oracle: the user's planted count
+    less its training ratings, known to the generator, i.e. the user's valid count).
+    """
+    if remaining <= 0:
+        return np.zeros(len(log_weight))
+    log_weight = log_weight - log_weight[pool].max()  # the same races, no overflow
+    weight = np.exp(log_weight)
+    w = weight[pool]
+    lo, hi = -60.0, 60.0  # bisection on log lam: sum(1 - exp(-w lam)) rises with lam
+    for _ in range(50):  # 120 / 2**50: lam to ~1e-13 in log
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if -np.expm1(-w * np.exp(mid)).sum() < remaining else (lo, mid)
+    return -np.expm1(-weight * np.exp(0.5 * (lo + hi))) * pool
+
+
 ORACLES = {"oracle": lambda p_in, p_like: p_in * p_like, "oracle-popularity": lambda p_in, _: p_in,
            "oracle-taste": lambda _, p_like: p_like}
 
@@ -236,13 +272,11 @@ def oracle_rankers(raw: Path, predictor, combine: dict | None = None) -> dict:
     - ``oracle-taste``: the second factor alone (the true ``P(like | rated)``: what a rating model such as the DLRM
       estimates).
 
-    The generator picks each user's ``c_u`` movies without replacement with weights ``w = exp(sd * popularity)``
-    (Gumbel top-k). As exponential races, given the training movies ``T`` the others are in the user's rated set
-    about independently with ``1 - exp(-w_j * lam)``, ``lam`` such that these sum to ``c_u - |T|`` (the user's
-    planted count less its training ratings: known to the generator, the valid count of every user).
-    ``P(rating > 3 | rated) = Phi(s_uj - t_3)`` from the planted score. The draws are recomputed from the seed in
-    synthetic.json (``sample_movielens``); the popularity draw, which the generator does not keep, is re-drawn from
-    its random stream and checked against the biases drawn after it from the same stream.
+    The generator picks each user's ``c_u`` movies without replacement with weights
+    ``w_uj = exp(sd * popularity_j + selection_by_taste * (s_uj - b_u))`` (Gumbel top-k; ``selection_by_taste`` 0:
+    popularity alone), see ``rated_probability``. ``P(rating > 3 | rated) = Phi(s_uj - t_3)`` from the planted
+    score. The planted parameters (popularity and the selection weight included) come from
+    ``sample_movielens``' truth, recomputed from the seed in synthetic.json.
     """
     import pandas as pd
     from scipy.special import ndtr
@@ -257,13 +291,6 @@ def oracle_rankers(raw: Path, predictor, combine: dict | None = None) -> dict:
     sample = synthetic.sample_movielens(params)
     truth = sample.truth
     n_users, n_movies = len(sample.users), len(sample.movies)
-    signal = np.random.default_rng(np.random.SeedSequence([params["seed"], synthetic.GENERATOR_VERSION]).spawn(8)[2])
-    popularity = signal.standard_normal(n_movies)
-    user_bias = synthetic._SD_USER_BIAS * signal.standard_normal(n_users)
-    movie_bias = synthetic._SD_MOVIE_BIAS * (0.45 * popularity + np.sqrt(1 - 0.45**2) * signal.standard_normal(n_movies))
-    if not (np.array_equal(user_bias, truth["user_bias"]) and np.array_equal(movie_bias, truth["movie_bias"])):
-        raise RuntimeError(f"{raw}: the re-drawn popularity does not match the generator's random stream")
-    weight = np.exp(synthetic._SD_POPULARITY * popularity)
     planted_count = np.bincount(truth["user_idx"], minlength=n_users)
     genre_share = sample.genre_flags / np.sqrt(truth["n_genres"])[:, None]
     movie_ids = sample.movies["movieId"].to_numpy()
@@ -283,14 +310,11 @@ def oracle_rankers(raw: Path, predictor, combine: dict | None = None) -> dict:
         pool = np.ones(n_movies, bool)
         pool[movie_row[~allowed]] = False
         remaining = planted_count[u] - int((~pool).sum())
-        w = weight[pool]
-        lo, hi = -60.0, 60.0  # bisection on log lam: sum(1 - exp(-w lam)) rises with lam
-        for _ in range(50):  # 120 / 2**50: lam to ~1e-13 in log
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if -np.expm1(-w * np.exp(mid)).sum() < remaining else (lo, mid)
-        p_in = -np.expm1(-weight * np.exp(0.5 * (lo + hi))) * (remaining > 0)
         score = (truth["user_bias"][u] + truth["movie_bias"] + truth["movie_factors"] @ truth["user_factors"][u]
                  + genre_share @ truth["taste"][u])
+        log_weight = truth["pick_log_weight"] * truth["popularity"] + truth["selection_by_taste"] * (
+            score - truth["user_bias"][u])
+        p_in = rated_probability(log_weight, pool, remaining)
         p_like = ndtr(score - truth["thresholds"][2])
         return p_in[movie_row], p_like[movie_row], allowed
 
@@ -313,6 +337,126 @@ def oracle_rankers(raw: Path, predictor, combine: dict | None = None) -> dict:
     return {name: ranker(name) for name in combine}
 
 
+def selection_calibration(lambdas: list[float], real: Path | None, fmt: str = "ml-100k", sizes: dict | None = None,
+                          seed: int = 0) -> dict:
+    """How strongly taste decides what is rated, measured on real data and on the generator at one size.
+
+    For real ML-100K (``real``, when given) and for the generator in ``fmt`` (default ML-100K's size; ``sizes``:
+    n_users / n_movies / n_ratings) at every ``selection_by_taste`` in ``lambdas``: the ETL's random 80/20 split
+    (``split_ratings``, ``seed``), every valid user's positives (rating > 3) of movies rated in train held out, the
+    user's training movies excluded, over every movie with training ratings; rankers fitted on the training
+    ratings alone, without a model or the ETL (seconds):
+
+    - ``popularity``: training positives per movie (the benchmark's popularity);
+    - ``item-knn``: ``sum over the user's training movies of cosine(movie, that movie)`` over the binary
+      user x movie training matrix (a model-free taste ranker: the same code on real and synthetic data);
+    - ``oracle`` (synthetic): ``rated_probability x P(like | rated)`` from the planted parameters.
+
+    Returns ``{"real": {ranker: metrics}, "synthetic": {lambda: {ranker: metrics}}}`` (``ranking_metrics``).
+    """
+    import pandas as pd
+    from scipy.special import ndtr
+
+    from pipeline.datasets import read_movielens, synthetic
+    from pipeline.etl import split_ratings
+    from pipeline.retrieval.ranking import DEPTH, ranking_metrics
+
+    def evaluate(ratings: pd.DataFrame, oracle=None) -> dict:
+        train, valid = split_ratings(ratings[["userId", "movieId", "rating", "timestamp"]], "random", 0.2, seed)
+        movies = np.unique(train["movieId"].to_numpy())
+        users = np.unique(ratings["userId"].to_numpy())
+        t_user = np.searchsorted(users, train["userId"].to_numpy())
+        t_movie = np.searchsorted(movies, train["movieId"].to_numpy())
+        rated = np.zeros((len(users), len(movies)), bool)  # ML-100K / ML-1M sizes: small
+        rated[t_user, t_movie] = True
+        positive = valid[(valid["rating"] > 3) & valid["movieId"].isin(movies)]
+        held = positive.groupby("userId")["movieId"].apply(lambda m: m.to_numpy(np.int64))
+        rows = np.searchsorted(users, held.index.to_numpy())
+        counts = np.bincount(t_movie[train["rating"].to_numpy() > 3], minlength=len(movies)).astype(float)
+        x = rated.astype(np.float64)
+        norm = np.sqrt(x.sum(0))
+        similarity = (x.T @ x) / np.maximum(np.outer(norm, norm), 1e-12)
+        np.fill_diagonal(similarity, 0.0)
+        scores = {"popularity": np.broadcast_to(counts, (len(rows), len(movies))), "item-knn": x[rows] @ similarity}
+        if oracle is not None:
+            scores["oracle"] = oracle(users[rows], movies, rated[rows])
+        out = {}
+        for name, score in scores.items():
+            score = np.where(rated[rows], -np.inf, score)
+            # ties by movie index (stable), as the popularity ranker's ties go to the lower movieId
+            top = np.argsort(-score, axis=1, kind="stable")[:, :DEPTH]
+            out[name] = ranking_metrics(movies[top], list(held.to_numpy()))
+        out["users"] = int(len(rows))
+        return out
+
+    report: dict = {"fmt": fmt, "sizes": sizes or {}, "seed": seed, "synthetic": {}}
+    if real is not None:
+        report["real"] = evaluate(read_movielens("ml-100k", real).ratings)
+        log(f"calibration: real ML-100K {report['real']}")
+    for lam in lambdas:
+        params = synthetic.synthetic_params(fmt, seed=0, selection_by_taste=lam, **(sizes or {}))
+        sample = synthetic.sample_movielens(params)
+        truth = sample.truth
+        planted_count = np.bincount(truth["user_idx"], minlength=len(sample.users))
+        genre_share = sample.genre_flags / np.sqrt(truth["n_genres"])[:, None]
+        movie_ids, user_ids = sample.movies["movieId"].to_numpy(), sample.users["userId"].to_numpy()
+
+        def oracle(users, movies, rated, truth=truth, planted_count=planted_count, genre_share=genre_share,
+                   movie_ids=movie_ids, user_ids=user_ids):
+            """The generator's expected relevance (len(users), len(movies)) given each user's training movies."""
+            column = np.searchsorted(movie_ids, movies)
+            out = np.empty(rated.shape)
+            for i, user in enumerate(users):
+                u = int(np.searchsorted(user_ids, user))
+                score = (truth["user_bias"][u] + truth["movie_bias"] + truth["movie_factors"] @ truth["user_factors"][u]
+                         + genre_share @ truth["taste"][u])
+                log_weight = truth["pick_log_weight"] * truth["popularity"] + truth["selection_by_taste"] * (
+                    score - truth["user_bias"][u])
+                pool = np.ones(len(movie_ids), bool)
+                pool[column[rated[i]]] = False
+                p_in = rated_probability(log_weight, pool, int(planted_count[u] - rated[i].sum()))
+                out[i] = (p_in * ndtr(score - truth["thresholds"][2]))[column]
+            return out
+
+        report["synthetic"][f"{lam:g}"] = evaluate(sample.ratings, oracle)
+        log(f"calibration: selection_by_taste {lam:g}: {report['synthetic'][f'{lam:g}']}")
+    return report
+
+
+def render_calibration(calibration: dict) -> list[str]:
+    """The markdown lines of ``selection_calibration``'s report."""
+    def ratio(m: dict, name: str) -> str:
+        return (f"{m[name]['recall@50'] / m['popularity']['recall@50']:.2f}x / "
+                f"{m[name]['ndcg@10'] / m['popularity']['ndcg@10']:.2f}x")
+
+    lines = ["## Calibrating `selection_by_taste` (how much taste decides what is rated)", "",
+             f"`{calibration.get('command', '')}`", "",
+             f"Generator in {calibration['fmt']} format at {calibration['sizes'] or 'its real size'} (seed 0) vs real "
+             "ML-100K; the ETL's random 80/20 split (seed 0); held-out positives as above; rankers fitted on the "
+             "training ratings in seconds, no model: popularity (training positives), item-kNN (cosine over the "
+             "binary user x movie training matrix, summed over the user's training movies), the generator's oracle. "
+             f"Measured {calibration.get('measured_at', '')}.", "",
+             "| data | selection_by_taste | popularity R@50 / NDCG@10 | item-kNN R@50 / NDCG@10 | item-kNN vs "
+             "popularity | oracle vs popularity |", "|---|---:|---|---|---|---|"]
+    rows = ([("real ML-100K", "—", calibration["real"])] if "real" in calibration else []) + [
+        ("synthetic", lam, m) for lam, m in calibration["synthetic"].items()]
+    for data, lam, m in rows:
+        oracle = ratio(m, "oracle") if "oracle" in m else "—"
+        lines.append(f"| {data} | {lam} | {m['popularity']['recall@50']:.3f} / {m['popularity']['ndcg@10']:.3f} | "
+                     f"{m['item-knn']['recall@50']:.3f} / {m['item-knn']['ndcg@10']:.3f} | {ratio(m, 'item-knn')} | "
+                     f"{oracle} |")
+    if "real" in calibration and calibration["synthetic"]:
+        def knn_ratio(m: dict) -> float:
+            return m["item-knn"]["recall@50"] / m["popularity"]["recall@50"]
+
+        target = knn_ratio(calibration["real"])
+        closest = min(calibration["synthetic"], key=lambda lam: abs(knn_ratio(calibration["synthetic"][lam]) - target))
+        lines += ["", f"Closest to real ML-100K's item-kNN / popularity Recall@50 ({target:.2f}x): selection_by_taste "
+                  f"{closest} ({knn_ratio(calibration['synthetic'][closest]):.2f}x). Load average "
+                  f"{calibration.get('load_average')}."]
+    return lines + [""]
+
+
 def render(report: dict) -> str:
     lines = ["# Retrieval: two-tower, two-stage, DLRM over every movie, popularity", "",
              "Command: `python benchmarks/retrieval.py` (each dataset's own command below).", "",
@@ -329,7 +473,9 @@ def render(report: dict) -> str:
     for name, entry in report["datasets"].items():
         r, s, t = entry["ranking"], entry["sizes"], entry["latency"]
         m = r["metrics"]
-        lines += [f"## {name}", "", f"`{entry.get('command', report['command'])}`", "",
+        heading = name if name == "ml-100k" or "selection_by_taste" in name else (
+            f"{name} (selection_by_taste 0: popularity alone picks the rated movies)")
+        lines += [f"## {heading}", "", f"`{entry.get('command', report['command'])}`", "",
                   f"{s['users']:,} users, {s['movies']:,} movies, {s['train_rows']:,} train / {s['valid_rows']:,} valid "
                   f"ratings; {r['users']:,} evaluated users{' (seeded sample)' if r['max_users'] else ''}; "
                   f"DLRM valid AUC {s['dlrm_valid_auc']:.4f} (best epoch {s['dlrm_epochs']}); two-tower: epoch "
@@ -372,6 +518,8 @@ def render(report: dict) -> str:
         for path in ("two-stage", "rank-all"):
             lines.append(f"| {path} | {t[path]['p50_ms']} | {t[path]['p99_ms']} | {t[path]['mean_ms']} | {t[path]['n']} |")
         lines.append("")
+    if "selection_calibration" in report:
+        lines += render_calibration(report["selection_calibration"])
     return "\n".join(lines) + "\n"
 
 
@@ -407,6 +555,11 @@ def main() -> int:
     parser.add_argument("--dlrm-epochs", type=int, default=8, help="the DLRM's epoch cap (early stopping below it)")
     parser.add_argument("--catalog-users", type=int, default=20_000)
     parser.add_argument("--catalog-ratings", type=int, default=2_000_000)
+    parser.add_argument("--selection-by-taste", type=float, default=0.0, metavar="LAMBDA",
+                        help="synthetic datasets: the generator's selection_by_taste (default 0: popularity alone)")
+    parser.add_argument("--calibrate-selection", type=float, nargs="+", metavar="LAMBDA",
+                        help="only measure popularity / item-kNN / oracle at ML-100K size for these values against "
+                             "real ML-100K (selection_calibration), kept in the results")
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--max-users", type=int, default=None, help="evaluated users per dataset (default: per dataset)")
     parser.add_argument("--requests", type=int, default=300, help="/recommend requests per path")
@@ -424,13 +577,25 @@ def main() -> int:
         write_results(RESULTS, previous, render(previous))
         plot(previous, RESULTS.with_suffix(".png"))
         return 0
+    command = "python benchmarks/retrieval.py " + " ".join(sys.argv[1:])
+    if args.calibrate_selection:
+        real = ROOT / "data" / "raw" / "ml-100k"
+        calibration = selection_calibration(args.calibrate_selection, real if real.is_dir() else None)
+        calibration.update(command=command, load_average=[round(x, 2) for x in os.getloadavg()],
+                           measured_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        report = dict(previous, selection_calibration=calibration)
+        write_results(RESULTS, report, render(report))
+        log(f"calibration: written to {RESULTS}.md")
+        return 0
     for name in args.datasets:
         if name == "ml-100k" and not (ROOT / "data" / "raw" / "ml-100k").is_dir():
             log("ml-100k: data/raw/ml-100k is not there: skipped")
             continue
-        datasets[name] = run(name, args.work, args, datasets.get(name))
-        report = {"command": "python benchmarks/retrieval.py " + " ".join(sys.argv[1:]), "machine": describe_machine(),
-                  "datasets": datasets}
+        key = label(name, args.selection_by_taste)
+        datasets[key] = run(name, args.work, args, datasets.get(key))
+        report = {"command": command, "machine": describe_machine(), "datasets": datasets,
+                  **({"selection_calibration": previous["selection_calibration"]}
+                     if "selection_calibration" in previous else {})}
         write_results(RESULTS, report, render(report))
         plot(report, RESULTS.with_suffix(".png"))
         log(f"{name}: written to {RESULTS}.md")

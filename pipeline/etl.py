@@ -115,7 +115,8 @@ def split_ratings(
 
 def locate_raw(dataset: str, raw: Path | None, **synthetic_size) -> Path:
     """The raw folder or zip for ``dataset``: ``raw`` if given, else under ``data/raw/`` (generating or
-    downloading it when missing). ``synthetic_size``: n_users / n_movies / n_ratings / seed for the generator."""
+    downloading it when missing). ``synthetic_size``: n_users / n_movies / n_ratings / seed / selection_by_taste
+    for the generator."""
     if dataset == "synthetic":
         from pipeline.datasets import generate_synthetic, read_synthetic_params
 
@@ -123,7 +124,7 @@ def locate_raw(dataset: str, raw: Path | None, **synthetic_size) -> Path:
             return Path(raw)  # an existing synthetic dir, whatever its size
         return generate_synthetic(raw or DATA_DIR / "raw" / "synthetic", fmt="ml-1m", **synthetic_size)
     if synthetic_size:
-        raise UsageError(f"size options {sorted(synthetic_size)} only apply to --dataset synthetic")
+        raise UsageError(f"generator options {sorted(synthetic_size)} only apply to --dataset synthetic")
     if raw is not None:
         return Path(raw)
     for candidate in (DATA_DIR / "raw" / dataset, DATA_DIR / "raw" / f"{dataset}.zip"):
@@ -162,6 +163,9 @@ class EtlConfig:
     n_movies: int | None = setting(None, "synthetic data: movies (default: ML-1M's)")
     n_ratings: int | None = setting(None, "synthetic data: ratings (default: ML-1M's)")
     data_seed: int | None = setting(None, "synthetic data: the generator's seed (default 0)")
+    selection_by_taste: float | None = setting(
+        None, "synthetic data: how much the planted taste decides which movies a user rates, besides popularity "
+              "(default 0: popularity alone)", metavar="LAMBDA")
 
     def check(self) -> None:
         """``UsageError`` naming the flag of the first setting that cannot run."""
@@ -174,8 +178,9 @@ class EtlConfig:
 
     @property
     def synthetic_size(self) -> dict:
-        """The generator's size settings that were given (``generate_synthetic``'s names)."""
-        given = dict(n_users=self.n_users, n_movies=self.n_movies, n_ratings=self.n_ratings, seed=self.data_seed)
+        """The generator's settings that were given (``generate_synthetic``'s names)."""
+        given = dict(n_users=self.n_users, n_movies=self.n_movies, n_ratings=self.n_ratings, seed=self.data_seed,
+                     selection_by_taste=self.selection_by_taste)
         return {k: v for k, v in given.items() if v is not None}
 
 
@@ -194,7 +199,7 @@ def run_etl(
 
     ``dataset``: ml-100k, ml-1m, ml-25m or synthetic (generated in ml-1m format into ``raw`` or
     data/raw/synthetic, reused when its synthetic.json matches; sized by n_users, n_movies, n_ratings,
-    data_seed). ``split``: random | temporal | official (ml-100k only). ``device``: auto | cpu |
+    data_seed; selection_by_taste: how much taste picks the rated movies). ``split``: random | temporal | official (ml-100k only). ``device``: auto | cpu |
     gpu. ``workers`` / ``dask_scheduler``: run on a local / existing Dask cluster. ``part_size``: target
     in-memory size of a partition (e.g. "64MB"); each partition becomes one parquet file.
     ``out`` may hold a previous ETL output (it is replaced); any other existing path is refused unless

@@ -7,12 +7,22 @@ Ratings follow an ordered-probit model. For user u and movie i the latent score 
 with user and movie biases b (movie bias correlated with popularity), low-rank affinity p_u . q_i (movie
 factors partly driven by genres) and a demographic x genre effect d_ui (gender, age group and occupation
 each shift the user's taste for every genre). The star rating is y cut at thresholds chosen so the histogram
-matches ML-1M's. Which movies a user rates is independent of the rating: Zipf-like (log-normal) movie
-popularity, heavy-tailed user activity with at least 20 ratings per user, each (user, movie) pair once.
+matches ML-1M's. Heavy-tailed user activity with at least 20 ratings per user, each (user, movie) pair once.
+
+Which movies a user rates: drawn without replacement (Gumbel top-k) with log weight
+
+    log w_ui = sd_pop * popularity_i + selection_by_taste * (s_ui - b_u)
+
+By default (``selection_by_taste`` 0) by Zipf-like (log-normal) popularity alone, independently of the rating
+(the data every earlier figure was measured on, byte for byte). With ``selection_by_taste`` > 0 users also rate
+what they are planted to like (movie bias, affinity and demographic x genre terms of the same score that decides
+the rating; the user's own bias is the same for all of a user's movies and so does not move the picks), as real
+users rate what they expect to like: then a ranker that knows a user's taste can find which movies get rated.
 
 The ml-1m files are streamed: only 20 bytes per rating are held (movie index, score, latent) while
 ratings.dat and the oracle are written in chunks of whole users, and each user's picks compute only
-the Gumbel keys that can reach its top k (see ``_GumbelTopK``), so ML-25M's size (162,541 users,
+the Gumbel keys that can reach its top k (see ``_GumbelTopK``; with ``selection_by_taste`` > 0 every key
+of a block of users, ``_TasteTopK``, never more than ~4M scores at once), so ML-25M's size (162,541 users,
 59,047 movies, 25,000,095 ratings) takes minutes and ~1.5 GB, with the same bytes as drawing
 everything at once (the default size is byte-for-byte what the all-in-memory generator wrote).
 
@@ -88,12 +98,21 @@ def synthetic_params(
     n_movies: int | None = None,
     n_ratings: int | None = None,
     seed: int = 0,
+    selection_by_taste: float | None = None,
 ) -> dict:
-    """The parameters recorded in ``synthetic.json`` for a request (``None`` sizes take fmt's real size)."""
+    """The parameters recorded in ``synthetic.json`` for a request (``None`` sizes take fmt's real size).
+
+    ``selection_by_taste`` (>= 0, default 0): how much the planted score decides which movies a user rates
+    (the module docstring's ``log w_ui``). At 0 it is not recorded, so the default request and its files are
+    the same as before the setting existed.
+    """
     if fmt not in FORMATS:
         raise DataError(f"synthetic format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    taste = 0.0 if selection_by_taste is None else float(selection_by_taste)
+    if not (np.isfinite(taste) and taste >= 0.0):
+        raise DataError(f"selection_by_taste must be a finite number >= 0, got {selection_by_taste!r}")
     real_users, real_movies, real_ratings = SIZES[fmt]
-    return {
+    params = {
         "generator": "pipeline.datasets.synthetic",
         "version": GENERATOR_VERSION,
         "fmt": fmt,
@@ -102,6 +121,9 @@ def synthetic_params(
         "n_ratings": int(real_ratings if n_ratings is None else n_ratings),
         "seed": int(seed),
     }
+    if taste:
+        params["selection_by_taste"] = taste
+    return params
 
 
 def read_synthetic_params(raw_dir: str | Path) -> dict | None:
@@ -113,7 +135,7 @@ def read_synthetic_params(raw_dir: str | Path) -> dict | None:
         recorded = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    keys = synthetic_params().keys()
+    keys = list(synthetic_params().keys()) + (["selection_by_taste"] if recorded.get("selection_by_taste") else [])
     return {key: recorded.get(key) for key in keys}
 
 
@@ -135,15 +157,18 @@ def generate_synthetic(
     n_movies: int | None = None,
     n_ratings: int | None = None,
     seed: int = 0,
+    selection_by_taste: float | None = None,
 ) -> Path:
     """Write a synthetic raw MovieLens dir in ``fmt`` ("ml-1m" or "ml-100k") and return ``out_dir``.
 
     Sizes default to the real ones of ``fmt`` (ml-1m: 6,040 users, 3,706 movies, 1,000,209 ratings).
+    ``selection_by_taste`` (default 0: popularity alone picks the rated movies): see the module docstring.
     The same arguments give identical bytes. If ``out_dir`` already holds exactly this request it is
     reused; another synthetic dir there is replaced; a non-synthetic, non-empty dir is never overwritten.
     The dir is built in a temporary sibling and renamed into place when complete.
     """
-    params = synthetic_params(fmt, n_users=n_users, n_movies=n_movies, n_ratings=n_ratings, seed=seed)
+    params = synthetic_params(fmt, n_users=n_users, n_movies=n_movies, n_ratings=n_ratings, seed=seed,
+                              selection_by_taste=selection_by_taste)
     out_dir = Path(out_dir)
     existing = read_synthetic_params(out_dir)
     complete = all((out_dir / name).is_file() for name in _FILES[fmt] + (ORACLE_FILE,))
@@ -156,12 +181,13 @@ def generate_synthetic(
         )
 
     logger.info(
-        "generating synthetic %s: %d users, %d movies, %d ratings (seed %d)",
+        "generating synthetic %s: %d users, %d movies, %d ratings (seed %d, selection by taste %g)",
         fmt,
         params["n_users"],
         params["n_movies"],
         params["n_ratings"],
         seed,
+        params.get("selection_by_taste", 0.0),
     )
     with atomic_dir(out_dir) as tmp:
         if fmt == "ml-1m":  # streamed: ratings.dat and oracle.parquet are written chunk by chunk
@@ -187,7 +213,10 @@ class SyntheticSample:
     truth: the planted parameters, for studying what is learnable (row i of ratings <-> user_idx[i],
         movie_idx[i]): user_bias (n_users,), user_factors (n_users, rank), movie_bias (n_movies,),
         movie_factors (n_movies, rank), genre_factors (18, rank), taste (n_users, 18) = the demographic x
-        genre effects, n_genres (n_movies,), thresholds (4,) between star levels, score and latent (n_ratings,).
+        genre effects, n_genres (n_movies,), thresholds (4,) between star levels, score and latent (n_ratings,),
+        popularity (n_movies,) the standard-normal popularity draw, selection_by_taste (float): each user's pick
+        log weights are ``pick_log_weight * popularity + selection_by_taste * (score - user_bias)``
+        (``pick_log_weight`` = the module's ``_SD_POPULARITY``).
     """
 
     users: pd.DataFrame
@@ -210,7 +239,8 @@ def sample_movielens(params: dict) -> SyntheticSample:
     truth = dict(
         user_bias=draw.user_bias, user_factors=draw.user_factors, movie_bias=draw.movie_bias,
         movie_factors=draw.movie_factors, genre_factors=draw.genre_factors, taste=draw.taste,
-        n_genres=draw.n_genres, thresholds=draw.thresholds, **cat,
+        n_genres=draw.n_genres, thresholds=draw.thresholds, popularity=draw.popularity,
+        selection_by_taste=draw.selection_by_taste, pick_log_weight=_SD_POPULARITY, **cat,
     )
     return SyntheticSample(users=draw.users, movies=draw.movies, genre_flags=draw.genre_flags, ratings=ratings,
                            truth=truth)
@@ -297,6 +327,8 @@ class _Draw:
 
         # Signal: biases, low-rank affinity with genre-driven movie factors, demographic x genre effects.
         popularity = rng_signal.standard_normal(n_movies)
+        self.popularity = popularity
+        self.selection_by_taste = float(params.get("selection_by_taste") or 0.0)
         self.user_bias = _SD_USER_BIAS * rng_signal.standard_normal(n_users)
         self.movie_bias = _SD_MOVIE_BIAS * (
             0.45 * popularity + np.sqrt(1 - 0.45**2) * rng_signal.standard_normal(n_movies))
@@ -313,19 +345,23 @@ class _Draw:
             + rng_signal.standard_normal((len(_OCCUPATION_SHARES), len(GENRES)))[occupation]
         ) * (_SD_DEMOGRAPHIC / np.sqrt(3.0))
 
-        # Who rates what: heavy-tailed counts per user, popularity-weighted picks without replacement;
-        # then each rating's score and latent, block by block of users.
+        # Who rates what: heavy-tailed counts per user, picks without replacement weighted by popularity (and,
+        # with selection_by_taste, by the planted score); then each rating's score and latent, block by block.
         self.counts = _ratings_per_user(n_users, n_ratings, cap, rng_counts)
         self.starts = np.r_[0, np.cumsum(self.counts)]
         self.movie_idx = np.empty(n_ratings, dtype=np.int32 if n_movies < 2**31 else np.int64)
         self.score = np.empty(n_ratings)
         self.latent = np.empty(n_ratings)
-        picker = _GumbelTopK(_SD_POPULARITY * popularity, rng_pick)
+        if self.selection_by_taste:
+            picker = _TasteTopK(_SD_POPULARITY * popularity, self.selection_by_taste, self, rng_pick)
+        else:  # popularity alone: the draws of every earlier version
+            picker = _GumbelTopK(_SD_POPULARITY * popularity, rng_pick)
         block = max(1, 4_000_000 // n_movies)  # bounds a block's (users x movies) draws to ~32 MB
         for lo in range(0, n_users, block):
             hi = min(n_users, lo + block)
             a, b = self.starts[lo], self.starts[hi]
-            movie_idx = picker.pick(self.counts[lo:hi])
+            movie_idx = (picker.pick(self.counts[lo:hi], lo) if self.selection_by_taste
+                         else picker.pick(self.counts[lo:hi]))
             user_idx = np.repeat(np.arange(lo, hi), self.counts[lo:hi])
             self.movie_idx[a:b] = movie_idx
             self.score[a:b] = self._score(user_idx, movie_idx)
@@ -346,6 +382,12 @@ class _Draw:
             + np.einsum("ng,ng->n", self.taste[user_idx], self.genre_flags[movie_idx])
             / np.sqrt(self.n_genres[movie_idx])
         )
+
+    def score_rows(self, lo: int, hi: int) -> np.ndarray:
+        """The planted score (hi - lo, n_movies) of users ``lo:hi`` for every movie, less each user's bias."""
+        genre_share = self.genre_flags / np.sqrt(self.n_genres)[:, None]
+        return (self.movie_bias[None, :] + self.user_factors[lo:hi] @ self.movie_factors.T
+                + self.taste[lo:hi] @ genre_share.T)
 
     def rating_chunks(self, chunk_ratings: int = CHUNK_RATINGS):
         """Yield :class:`_RatingChunk` of whole users (about ``chunk_ratings`` ratings each), in user order."""
@@ -444,6 +486,39 @@ class _GumbelTopK:
             picked[r] = np.argsort(-full, kind="stable")[: counts[r]]
         self.full_rows += short.size
         return np.concatenate(picked)
+
+
+class _TasteTopK:
+    """Per user, ``k`` distinct movies drawn with probability proportional to ``exp(log_weight_ui)``, without
+    replacement, where ``log_weight_ui = popularity_log_weight_i + selection_by_taste * (s_ui - b_u)`` (the
+    planted score less the user's bias, :meth:`_Draw.score_rows`): the top ``k`` of ``log_weight + Gumbel``
+    keys, every key of a block of users computed (the weights differ per user, so ``_GumbelTopK``'s shared
+    threshold does not apply). Memory: a few (block users x movies) float64 arrays, never users x movies.
+    """
+
+    def __init__(self, popularity_log_weight: np.ndarray, selection_by_taste: float, draw: _Draw,
+                 rng: np.random.Generator):
+        self.popularity_log_weight, self.selection_by_taste = popularity_log_weight, selection_by_taste
+        self.draw, self.rng = draw, rng
+        self.full_rows = 0
+
+    def pick(self, counts: np.ndarray, first_user: int) -> np.ndarray:
+        """Movie indices (sum(counts),) of users ``first_user ...`` (one row of ``counts`` each), best key
+        first, rows in order."""
+        n_rows, n_movies = len(counts), len(self.popularity_log_weight)
+        keys = self.draw.score_rows(first_user, first_user + n_rows)
+        keys *= self.selection_by_taste
+        keys += self.popularity_log_weight[None, :]
+        keys += self.rng.gumbel(size=(n_rows, n_movies))
+        k_max = int(counts.max())
+        keys *= -1.0
+        top = np.argpartition(keys, k_max - 1, axis=1)[:, :k_max] if k_max < n_movies else (
+            np.broadcast_to(np.arange(n_movies), (n_rows, n_movies)))
+        top_keys = np.take_along_axis(keys, top, axis=1)
+        order = np.lexsort((top, top_keys), axis=1)  # best key first, ties by movie index
+        top = np.take_along_axis(top, order, axis=1)
+        self.full_rows += n_rows
+        return top[np.arange(k_max)[None, :] < counts[:, None]]
 
 
 def _ratings_per_user(n_users: int, n_ratings: int, cap: int, rng: np.random.Generator) -> np.ndarray:

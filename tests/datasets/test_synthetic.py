@@ -234,3 +234,100 @@ def test_streamed_chunks_give_the_in_memory_draws(tmp_path):
     first = whole.ratings[["userId", "movieId", "rating", "timestamp"]].to_numpy()[0]
     assert lines[0] == "{}::{}::{}::{}".format(*first.tolist())
     assert len(lines) == 4_000
+
+
+def _content_digest(folder) -> str:
+    """One sha256 over every raw file's bytes and the oracle's column values (not parquet's writer metadata)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        digest.update(path.name.encode())
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+            for column in frame.columns:
+                digest.update(frame[column].to_numpy().tobytes())
+        else:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# What the generator wrote before selection_by_taste existed (commit fcbd885), for
+# generate_synthetic(fmt=..., seed=5, n_users=120, n_movies=90, n_ratings=6000).
+_BEFORE_SELECTION_BY_TASTE = {
+    "ml-1m": "28459b5cd388e4ff602ecdb4c40f083fc7c7f9284f7db7dcecee822e12cde33d",
+    "ml-100k": "ecd0676f4484490aea566f82f5a422fb2ea838374ec7313858159236fd8cc798",
+}
+
+
+@pytest.mark.parametrize("fmt", ["ml-1m", "ml-100k"])
+def test_default_selection_writes_the_data_of_before(fmt, tmp_path):
+    """selection_by_taste 0 (the default, or given) is the earlier generator byte for byte, synthetic.json too."""
+    sizes = dict(fmt=fmt, seed=5, n_users=120, n_movies=90, n_ratings=6000)
+    default = generate_synthetic(tmp_path / "default", **sizes)
+    assert _content_digest(default) == _BEFORE_SELECTION_BY_TASTE[fmt]
+    assert "selection_by_taste" not in json.loads((default / "synthetic.json").read_text())
+    given = generate_synthetic(tmp_path / "given", selection_by_taste=0.0, **sizes)
+    assert _digest(given) == _digest(default)
+
+
+def _rated_vs_affinity_auc(sample) -> float:
+    """Per user, the AUC of the planted affinity (p_u . q_i + demographic x genre, no biases) at telling the user's
+    rated movies from the others, averaged over users."""
+    truth = sample.truth
+    genre_share = sample.genre_flags / np.sqrt(truth["n_genres"])[:, None]
+    affinity = truth["user_factors"] @ truth["movie_factors"].T + truth["taste"] @ genre_share.T
+    rated = np.zeros(affinity.shape, bool)
+    rated[truth["user_idx"], truth["movie_idx"]] = True
+    return float(np.mean([roc_auc(rated[u], affinity[u]) for u in range(len(rated))]))
+
+
+def test_selection_by_taste_makes_users_rate_what_they_are_planted_to_like(tmp_path):
+    from pipeline.datasets.synthetic import sample_movielens, synthetic_params
+
+    sizes = dict(seed=1, n_users=300, n_movies=200, n_ratings=15_000)
+    by_popularity = sample_movielens(synthetic_params("ml-1m", **sizes))
+    by_taste = sample_movielens(synthetic_params("ml-1m", selection_by_taste=2.0, **sizes))
+    # popularity alone: which movies are rated says nothing of the user's affinity; with taste it does
+    assert abs(_rated_vs_affinity_auc(by_popularity) - 0.5) < 0.02
+    assert _rated_vs_affinity_auc(by_taste) > 0.7
+    # the same users, movies and parameters; the star histogram still ML-1M's (thresholds are latent quantiles)
+    for key in ("user_bias", "movie_bias", "user_factors", "popularity"):
+        np.testing.assert_array_equal(by_taste.truth[key], by_popularity.truth[key])
+    shares = by_taste.ratings["rating"].value_counts(normalize=True).sort_index().to_numpy()
+    np.testing.assert_allclose(shares, ML1M_RATING_SHARES, atol=0.02)
+    assert not by_taste.ratings.duplicated(["userId", "movieId"]).any()
+    assert (by_taste.ratings.groupby("userId").size().to_numpy() == np.bincount(by_popularity.truth["user_idx"])).all()
+    # seeded: the same request gives the same bytes, recorded in synthetic.json, streamed chunk by chunk as ever
+    a = generate_synthetic(tmp_path / "a", selection_by_taste=2.0, **sizes)
+    b = generate_synthetic(tmp_path / "b", selection_by_taste=2.0, **sizes)
+    assert _digest(a) == _digest(b)
+    assert read_synthetic_params(a)["selection_by_taste"] == 2.0
+    pd.testing.assert_frame_equal(read_oracle(a), by_taste.ratings[["userId", "movieId", "p_positive"]])
+    assert generate_synthetic(a, selection_by_taste=2.0, **sizes) == a  # reused
+    generate_synthetic(a, **sizes)  # another request: regenerated
+    assert _digest(a) != _digest(b) and "selection_by_taste" not in read_synthetic_params(a)
+
+
+def test_selection_by_taste_picks_are_the_top_k_of_their_gumbel_keys():
+    """_TasteTopK: the top counts of (popularity + lambda * score less the user bias) + Generator.gumbel keys."""
+    from pipeline.datasets.synthetic import _Draw, _TasteTopK, synthetic_params
+
+    draw = _Draw(synthetic_params("ml-1m", seed=4, n_users=40, n_movies=60, n_ratings=1_500, selection_by_taste=1.5))
+    counts = np.array([20, 59, 60, 33])
+    picked = _TasteTopK(1.1 * draw.popularity, 1.5, draw, np.random.default_rng(3)).pick(counts, 5)
+    score = np.stack([draw._score(np.full(60, u), np.arange(60)) for u in range(5, 9)]) - draw.user_bias[5:9, None]
+    keys = 1.1 * draw.popularity + 1.5 * score + np.random.default_rng(3).gumbel(size=(4, 60))
+    order = np.argsort(-keys, axis=1, kind="stable")
+    np.testing.assert_array_equal(picked, np.concatenate([order[r, :k] for r, k in enumerate(counts)]))
+
+
+def test_selection_by_taste_is_an_etl_generator_option(tmp_path):
+    from pipeline.errors import UsageError
+    from pipeline.etl import EtlConfig, locate_raw
+
+    config = EtlConfig(n_users=60, n_movies=50, n_ratings=2_000, selection_by_taste=1.0)
+    raw = locate_raw("synthetic", tmp_path / "raw", **config.synthetic_size)
+    assert read_synthetic_params(raw)["selection_by_taste"] == 1.0
+    with pytest.raises(UsageError, match="only apply to --dataset synthetic"):
+        locate_raw("ml-1m", tmp_path / "x", **EtlConfig(selection_by_taste=1.0).synthetic_size)
+    with pytest.raises(DataError, match="selection_by_taste must be"):
+        generate_synthetic(tmp_path / "bad", n_users=60, n_movies=50, n_ratings=2_000, selection_by_taste=-1.0)
