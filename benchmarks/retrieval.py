@@ -268,7 +268,8 @@ def oracle_rankers(raw: Path, predictor, combine: dict | None = None) -> dict:
 
     - ``oracle``: ``P(rated in valid | training movies) x P(rating > 3 | rated)``, the expected relevance of each
       movie, i.e. the Bayes-optimal ranking for a held-out liked movie (what no estimator can beat on average);
-    - ``oracle-popularity``: the first factor alone (the true popularity, the best popularity ranking);
+    - ``oracle-popularity``: the first factor alone (at ``selection_by_taste`` 0 the true popularity, the best
+      popularity ranking; above 0 the true P(rated), popularity and taste: the name is kept for the row);
     - ``oracle-taste``: the second factor alone (the true ``P(like | rated)``: what a rating model such as the DLRM
       estimates).
 
@@ -513,6 +514,10 @@ def render(report: dict) -> str:
                       f"movies) x P(like | rated)) is {o['recall@50'] / pop['recall@50']:.2f}x / "
                       f"{o['ndcg@10'] / pop['ndcg@10']:.2f}x popularity (R@50 / NDCG@10); the two-tower has "
                       f"{share['recall@50']:.0%} / {share['ndcg@10']:.0%} of the oracle's gain over popularity."]
+            if entry.get("selection_by_taste"):
+                lines += ["", f"Generated with selection_by_taste {entry['selection_by_taste']:g}: users rate what "
+                          "they are planted to like, so `oracle-popularity` (P(rated in valid) alone) carries taste "
+                          "too; `oracle-taste` is P(like | rated) alone, what the DLRM estimates."]
         lines += ["",
                   "| /recommend path | p50 ms | p99 ms | mean ms | requests |", "|---|---:|---:|---:|---:|"]
         for path in ("two-stage", "rank-all"):
@@ -532,15 +537,17 @@ def plot(report: dict, path: Path) -> None:
 
     rankers = ("popularity", "dlrm", "two-tower", "two-stage", "oracle")
     names = list(report["datasets"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     width = 0.8 / len(rankers)
     for ax, metric in zip(axes, ("recall@50", "ndcg@10")):
         for j, ranker in enumerate(rankers):
             values = [report["datasets"][n]["ranking"]["metrics"].get(ranker, {}).get(metric, 0.0) for n in names]
             ax.bar(np.arange(len(names)) + (j - (len(rankers) - 1) / 2) * width, values, width, label=ranker)
-        ax.set_xticks(np.arange(len(names)), names, fontsize=8)
+        ticks = [n.replace("synthetic-", "synth. ").replace(" (selection_by_taste ", "\nselection_by_taste ")
+                 .rstrip(")") if "selection_by_taste" in n else n.replace("synthetic-", "synth. ") for n in names]
+        ax.set_xticks(np.arange(len(names)), ticks, fontsize=7, rotation=20, ha="right")
         ax.set_title(metric)
-    axes[1].legend(fontsize=8, loc="upper right")
+    axes[1].legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
