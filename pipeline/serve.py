@@ -801,14 +801,25 @@ def _read_timeout_protocol(seconds: float):
     uvicorn times out a kept-alive connection only after a response; a connection that opens and
     sends nothing, or half a request, would otherwise be held forever. The deadline starts when the
     connection opens (or at the first byte of a later request) and is cleared once the request,
-    body included, has arrived.
+    body included, has arrived. Time the server itself is the one not reading does not count: while
+    uvicorn's flow control has paused reading (the app has not consumed the body yet) or bytes the
+    client sent wait unread in the kernel (the event loop is busy), the deadline starts again
+    instead of the connection being closed, which would reset it under the client's finished request.
+
+    On shutdown, uvicorn closes every connection with no request in progress; one whose request has
+    arrived but not been parsed yet (its bytes still in h11's buffer or the kernel's) is kept open
+    instead, answered, then closed.
     """
+    import fcntl
+    import termios
+
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class ReadTimeoutH11Protocol(H11Protocol):
         read_timeout = seconds
         _deadline: asyncio.TimerHandle | None = None
+        _draining = False
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -816,6 +827,8 @@ def _read_timeout_protocol(seconds: float):
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
+            if self._draining and self.cycle is not None:
+                self.cycle.keep_alive = False
             if self.conn.their_state is h11.DONE or self.transport.is_closing():
                 self._disarm()
             elif self._deadline is None:
@@ -824,6 +837,21 @@ def _read_timeout_protocol(seconds: float):
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def shutdown(self) -> None:
+            arrived = self.conn.trailing_data[0] or self._unread_in_kernel()
+            if self.cycle is None and arrived and not self.transport.is_closing():
+                self._draining = True  # the next response closes the connection (see data_received)
+                return
+            super().shutdown()
+
+        def _unread_in_kernel(self) -> int:
+            """Bytes the client has sent that wait in the kernel's receive buffer, unread by the event loop."""
+            sock = self.transport.get_extra_info("socket")
+            try:
+                return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder)
+            except (AttributeError, OSError):  # no socket, or it is closed already
+                return 0
 
         def _arm(self) -> None:
             self._deadline = self.loop.call_later(self.read_timeout, self._expired)
@@ -835,7 +863,11 @@ def _read_timeout_protocol(seconds: float):
 
         def _expired(self) -> None:
             self._deadline = None
-            if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
+            if self.conn.their_state is h11.DONE or self.transport.is_closing():
+                return
+            if self.flow.read_paused or self._unread_in_kernel():
+                self._arm()  # the server is the one behind, not the client
+            else:
                 logger.info("closing %s: no complete request within %g s", self.client, self.read_timeout)
                 self.transport.close()
 

@@ -1,7 +1,8 @@
 """``python -m pipeline serve`` as a user runs it: its own process, queried over HTTP.
 
-One server process for the module: it answers, its port cannot be taken twice, an oversize body does
-not grow its memory, and SIGTERM (last) lets it finish what it received and exit 0.
+One server process for the module (and one with a short read timeout): it answers, its port cannot be taken twice, an oversize body does
+not grow its memory, time the server is not reading does not count against its read timeout, and
+SIGTERM (last) lets it finish what it received and exit 0.
 """
 
 from __future__ import annotations
@@ -117,35 +118,73 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
     return int(lines[0].split()[1]), body
 
 
-def test_sigterm_finishes_what_was_received_and_exits_0(server, predictor):
-    """Eight ~0.7 MB requests sent, then SIGTERM at once: every one answered in full, then exit status 0."""
+def large_predict(predictor) -> tuple[pd.DataFrame, bytes]:
+    """``(pairs, request)``: one ~0.7 MB raw HTTP/1.1 ``/predict`` request of 20,000 known pairs."""
     import json
 
-    process, url = server
-    host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
     rng = np.random.default_rng(0)
     pairs = pd.DataFrame({"userId": rng.choice(predictor.cache.keys["userId"], 20_000),
                           "movieId": rng.choice(predictor.candidate_items, 20_000)})
     body = json.dumps({"pairs": pairs.to_dict(orient="records")}).encode()
     assert len(body) < BODY_LIMIT
-    request = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               b"Content-Length: %d\r\n\r\n" % len(body)) + body
-    sockets = [socket.create_connection((host, port), timeout=60) for _ in range(8)]
+    return pairs, (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n" % len(body)) + body
+
+
+def send_in_parallel(sockets: list[socket.socket], request: bytes) -> list[threading.Thread]:
+    """``request`` sent on every socket, each from its own thread (started; join them)."""
     senders = [threading.Thread(target=s.sendall, args=(request,)) for s in sockets]
     for t in senders:
         t.start()
-    for t in senders:
-        t.join(60)
-    process.send_signal(signal.SIGTERM)  # parsing and scoring 8 x 20,000 pairs takes far longer than this
+    return senders
+
+
+def assert_all_answered(sockets: list[socket.socket], pairs: pd.DataFrame, predictor) -> None:
+    import json
+
     answers = [read_response(s) for s in sockets]
     for s in sockets:
         s.close()
-    assert process.wait(timeout=60) == 0
-    output = process.stdout.read()
-    assert "server stopped" in output and "Traceback" not in output
     expected = predictor.predict(pairs)
     for status, payload in answers:
         assert status == 200
         np.testing.assert_allclose(json.loads(payload)["scores"], expected, atol=1e-5)
+
+
+def test_time_the_server_is_not_reading_does_not_count_against_the_read_timeout(etl_dir, model_dir, predictor):
+    """--read-timeout-s 1: eight connections open, the server is stopped (SIGSTOP, as a loaded machine or a long
+    GC pause stops it) while their ~0.7 MB requests are sent, then continued 2 s later. Their deadlines have
+    passed, but the bytes wait unread on the server's side: every request is answered instead of reset."""
+    from pipeline.serve import serve_in_subprocess
+
+    pairs, request = large_predict(predictor)
+    with serve_in_subprocess("--data", str(etl_dir), "--model", str(model_dir), "--max-body-bytes", str(BODY_LIMIT),
+                             "--read-timeout-s", "1", "--no-access-log") as (process, url):
+        sockets = [socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60)
+                   for _ in range(8)]
+        time.sleep(0.3)  # accepted: each connection's deadline is running
+        process.send_signal(signal.SIGSTOP)
+        try:
+            senders = send_in_parallel(sockets, request)
+            time.sleep(2.0)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        for t in senders:
+            t.join(60)
+        assert_all_answered(sockets, pairs, predictor)
+
+
+def test_sigterm_finishes_what_was_received_and_exits_0(server, predictor):
+    """Eight ~0.7 MB requests sent, then SIGTERM at once: every one answered in full, then exit status 0."""
+    process, url = server
+    pairs, request = large_predict(predictor)
+    sockets = [socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60) for _ in range(8)]
+    for t in send_in_parallel(sockets, request):
+        t.join(60)
+    process.send_signal(signal.SIGTERM)  # parsing and scoring 8 x 20,000 pairs takes far longer than this
+    assert_all_answered(sockets, pairs, predictor)
+    assert process.wait(timeout=60) == 0
+    output = process.stdout.read()
+    assert "server stopped" in output and "Traceback" not in output
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/healthz", timeout=2)
