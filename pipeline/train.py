@@ -74,10 +74,7 @@ class TrainConfig:
     model: str = setting("dlrm", "model architecture, built from the schema", flag="--arch",
                          choices=ARCHITECTURES + RETRIEVAL_ARCHITECTURES, old_flags=("--model",))
     epochs: int = setting(50, "the most epochs to train (early stopping usually ends sooner)")
-    # batch_scaling: see scaled_batch_size. Measured on a synthetic ML-1M drawn with generator seed 1 (selection
-    # rows, best epoch, seeds 42 / 43 / 44): batch 2048 0.8203 / 0.8162 / 0.8194 vs 1024 0.8184 / 0.8147 / 0.8163
-    # (4096: 0.8191 / 0.8154 / 0.8199); 2.5M ratings, seed 42: 4096 0.8224 vs 1024 0.8189; ML-100K (80 steps per
-    # epoch) is unchanged (benchmarks/results/quality_trials.md, session 8).
+    # batch_scaling: the rule and its measurements are in scaled_batch_size's docstring
     batch_size: int = setting(1024, f"rows per training step, as given up to {BATCH_REFERENCE_STEPS} steps per epoch "
                                     "(see --batch-scaling)")
     batch_scaling: bool = setting(True, f"above {BATCH_REFERENCE_STEPS} steps per epoch, multiply --batch-size by "
