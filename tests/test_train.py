@@ -100,19 +100,31 @@ def test_early_stopping_goes_on_along_a_plateau_and_stops_on_a_decline():
     assert should_stop(losses, "loss", 5, 0.001) and not should_stop(losses[:-1], "loss", 5, 0.001)
 
 
-def test_published_model_is_the_best_epoch_on_the_selection_rows(model_dir, etl_dir):
-    """model.keras predicts what the best epoch's checkpoint predicts (restored after early stopping)."""
-    import keras
-
+def test_published_model_is_the_best_epoch_refitted_on_every_training_row(model_dir):
+    """By default the selection rows pick the epoch count, then the model is trained again from the start on
+    every training row for that many epochs: the published model is that refit, not the picked checkpoint."""
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    best = model_dir / "checkpoints" / f"epoch_{metrics['best_epoch']:03d}.keras"
-    assert best.is_file()
+    refit = metrics["refit"]
+    assert len(refit["epochs"]) == metrics["best_epoch"] == metrics["model_selection"]["epoch"]
+    assert refit["rows"] == metrics["train_rows"] > metrics["fit_rows"]
+    assert metrics["model_selection"]["refit"] is True
+    assert refit["valid_of_the_selection_run"]["auc"] != metrics["valid"]["auc"]
+    assert not (model_dir / "refit").exists()  # the refit's own dir is not part of the model
+
+
+def test_without_refit_the_published_model_is_the_best_epoch_on_the_selection_rows(etl_dir, tmp_path):
+    """--no-refit: model.keras predicts what the best epoch's checkpoint predicts (restored after early stopping)."""
+    import keras
     from merlin.io import Dataset
 
     import pipeline.models as mm
+    from pipeline.train import train_model
 
+    metrics = train_model(etl_dir, tmp_path / "model", seed=0, epochs=3, refit=False, verbose=0)
+    assert "refit" not in metrics and metrics["model_selection"]["refit"] is False
+    best = tmp_path / "model" / "checkpoints" / f"epoch_{metrics['best_epoch']:03d}.keras"
     features = mm.sample_batch(Dataset(str(etl_dir / "valid"), engine="parquet"), 256, include_targets=False)
-    published, checkpoint = keras.saving.load_model(model_dir / "model.keras"), keras.saving.load_model(best)
+    published, checkpoint = keras.saving.load_model(tmp_path / "model" / "model.keras"), keras.saving.load_model(best)
     np.testing.assert_array_equal(published.predict(features, verbose=0)["rating_binary"],
                                   checkpoint.predict(features, verbose=0)["rating_binary"])
 
@@ -216,16 +228,17 @@ def straight_run(etl_splits, tmp_path_factory) -> tuple[Path, subprocess.Complet
     return out, done
 
 
-def test_same_seed_same_model_and_a_killed_run_resumes_where_it_stopped(straight_run, etl_splits, tmp_path):
-    """kill -9 after the first epoch's checkpoint, then --resume: the same model as an uninterrupted run
-    with the same seed (weights, cosine schedule, optimizer state and shuffles continue). Each run is its
-    own process, as in use: within one process a second run does not reproduce the first exactly."""
+@pytest.mark.parametrize("phase", ["selection", "refit"])
+def test_same_seed_same_model_and_a_killed_run_resumes_where_it_stopped(straight_run, etl_splits, tmp_path, phase):
+    """kill -9 after the first epoch's checkpoint of the selection run or of the refit, then --resume: the
+    same model as an uninterrupted run with the same seed (weights, schedule, optimizer state and shuffles
+    continue). Each run is its own process, as in use."""
     import signal
     import time
 
     killed = tmp_path / "killed"
     run = subprocess.Popen(_train_cli(etl_splits, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = killed.with_name("killed.partial") / "checkpoints" / "epoch_001.keras"
+    first = killed.with_name("killed.partial") / ("refit.partial" if phase == "refit" else "") / "checkpoints" / "epoch_001.keras"
     deadline = time.monotonic() + 300
     while not first.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -245,6 +258,7 @@ def test_same_seed_same_model_and_a_killed_run_resumes_where_it_stopped(straight
     # epoch 1 ran before the kill
     assert resumed_metrics["epochs"][0]["select"] == straight_metrics["epochs"][0]["select"]
     assert resumed_metrics["best_epoch"] == straight_metrics["best_epoch"]
+    assert [e["epoch"] for e in resumed_metrics["refit"]["epochs"]] == list(range(1, resumed_metrics["best_epoch"] + 1))
 
 
 @pytest.fixture()
