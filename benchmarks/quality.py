@@ -261,6 +261,9 @@ def run_dataset(name: str, spec: dict, work: Path, seeds: list[int], old_tree: P
         runs.append({"seed": seed, "auc": round(metrics["valid"]["auc"], 4), "best_epoch": metrics["best_epoch"],
                      "epochs_run": len(metrics["epochs"]), "seconds": seconds,
                      "select_auc": round(metrics["epochs"][metrics["best_epoch"] - 1]["select"]["auc"], 4),
+                     # the picked epoch of the selection run: the model --no-refit publishes, scored in the same run
+                     "auc_without_refit": round(metrics.get("refit", {}).get("valid_of_the_selection_run",
+                                                                              metrics["valid"])["auc"], 4),
                      "model_selection": metrics["model_selection"]})
         logger.info("%s: seed %d valid AUC %.4f (epoch %d of %d)", name, seed, runs[-1]["auc"],
                     runs[-1]["best_epoch"], runs[-1]["epochs_run"])
