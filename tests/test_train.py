@@ -100,33 +100,33 @@ def test_early_stopping_goes_on_along_a_plateau_and_stops_on_a_decline():
     assert should_stop(losses, "loss", 5, 0.001) and not should_stop(losses[:-1], "loss", 5, 0.001)
 
 
-def test_published_model_is_the_best_epoch_on_the_selection_rows(model_dir, etl_dir):
-    """model.keras predicts what the best epoch's checkpoint predicts (restored after early stopping)."""
-    import keras
-    from merlin.io import Dataset
-
-    import pipeline.models as mm
-
+def test_published_model_is_the_best_epoch_refitted_on_every_training_row(model_dir):
+    """By default the selection rows pick the epoch count, then the model is trained again from the start on
+    every training row for that many epochs: the published model is that refit, not the picked checkpoint."""
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    assert "refit" not in metrics and metrics["model_selection"]["refit"] is False
-    best = model_dir / "checkpoints" / f"epoch_{metrics['best_epoch']:03d}.keras"
-    features = mm.sample_batch(Dataset(str(etl_dir / "valid"), engine="parquet"), 256, include_targets=False)
-    published, checkpoint = keras.saving.load_model(model_dir / "model.keras"), keras.saving.load_model(best)
-    np.testing.assert_array_equal(published.predict(features, verbose=0)["rating_binary"],
-                                  checkpoint.predict(features, verbose=0)["rating_binary"])
-
-
-def test_refit_trains_the_picked_epoch_count_again_on_every_training_row(straight_run):
-    """--refit: the selection rows pick the epoch count, then the model is trained again from the start on
-    every training row for that many epochs; the published model is that refit, not the picked checkpoint."""
-    out, _ = straight_run
-    metrics = json.loads((out / "metrics.json").read_text())
     refit = metrics["refit"]
     assert len(refit["epochs"]) == metrics["best_epoch"] == metrics["model_selection"]["epoch"]
     assert refit["rows"] == metrics["train_rows"] > metrics["fit_rows"]
     assert metrics["model_selection"]["refit"] is True
     assert refit["valid_of_the_selection_run"]["auc"] != metrics["valid"]["auc"]
-    assert not (out / "refit").exists()  # the refit's own dir is not part of the model
+    assert not (model_dir / "refit").exists()  # the refit's own dir is not part of the model
+
+
+def test_without_refit_the_published_model_is_the_best_epoch_on_the_selection_rows(etl_dir, tmp_path):
+    """--no-refit: model.keras predicts what the best epoch's checkpoint predicts (restored after early stopping)."""
+    import keras
+    from merlin.io import Dataset
+
+    import pipeline.models as mm
+    from pipeline.train import train_model
+
+    metrics = train_model(etl_dir, tmp_path / "model", seed=0, epochs=3, refit=False, verbose=0)
+    assert "refit" not in metrics and metrics["model_selection"]["refit"] is False
+    best = tmp_path / "model" / "checkpoints" / f"epoch_{metrics['best_epoch']:03d}.keras"
+    features = mm.sample_batch(Dataset(str(etl_dir / "valid"), engine="parquet"), 256, include_targets=False)
+    published, checkpoint = keras.saving.load_model(tmp_path / "model" / "model.keras"), keras.saving.load_model(best)
+    np.testing.assert_array_equal(published.predict(features, verbose=0)["rating_binary"],
+                                  checkpoint.predict(features, verbose=0)["rating_binary"])
 
 
 def test_selection_rows_are_a_seeded_slice_of_train_and_the_valid_split_cannot_change_the_model(
@@ -205,7 +205,7 @@ def test_resume_extends_a_finished_run(etl_dir, tmp_path):
 
 def _train_cli(etl_dir: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "train", "--data", str(etl_dir), "--out", str(out), "--epochs", "3",
-            "--batch-size", "2048", "--embedding-dim", "8", "--seed", "5", "--refit", *extra]
+            "--batch-size", "2048", "--embedding-dim", "8", "--seed", "5", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def etl_splits(etl_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def straight_run(etl_splits, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """``(model dir, finished process)`` of one uninterrupted ``python -m pipeline train --refit`` (``_train_cli``) on
+    """``(model dir, finished process)`` of one uninterrupted ``python -m pipeline train`` (``_train_cli``) on
     ``etl_splits``, in its own process: the reference run of the resume and model-selection tests and the
     CLI test's run (each training run costs a fresh process, so they share this one)."""
     out = tmp_path_factory.mktemp("straight") / "straight"
